@@ -1,0 +1,203 @@
+"""The parent's handles on its helper processes: the starter and each task process.
+
+::
+
+    Manager (threads: callers, loop)          starter (1 thread)        task process
+    ─────────────────────────────────         ──────────────────        ────────────
+    StarterProcess ── SEQPACKET socket ──────▶ fork on Spawn ──fork──▶ Ready, waits
+                    ◀── Exited(pid, code) ───  reaps, kills orphans
+    ChildProcess ──────── socketpair (fd passed with SCM_RIGHTS) ─────▶ Start / Cancel
+                 ◀─────── Progress, StateChanged, Note, Finished ──────
+                 pidfd: readable when the task process has exited
+
+Frames on a task pipe use ``multiprocessing.connection``'s format (a 4-byte
+big-endian length, then the payload), so the child can use a plain
+``Connection``. The parent reads them without ever blocking: a child that
+writes half a frame, or garbage, must not stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from supervisor.protocol import (
+    MAX_MESSAGE_BYTES,
+    Exited,
+    Finished,
+    Preload,
+    ProtocolError,
+    Spawn,
+    Stop,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from supervisor.states import TaskState
+
+log = logging.getLogger("housekeeping.children")
+
+_HEADER = struct.Struct("!i")
+_STARTER_BOOT = (
+    "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
+    "from workers.starter import main; sys.exit(main())"
+)
+
+
+class StarterProcess:
+    """The parent's side of the starter: start it, ask it to fork, hear of exits."""
+
+    def __init__(self) -> None:
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.pidfd: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The starter's pid, once started."""
+        return self.popen.pid if self.popen else None
+
+    def start(self) -> None:
+        """Start the starter with a fresh interpreter (fork + exec: safe with threads)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", _STARTER_BOOT, str(theirs.fileno()),
+                 str(os.getpid()), json.dumps(sys.path)],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pidfd = os.pidfd_open(self.popen.pid)
+
+    def spawn(self) -> socket.socket:
+        """Ask for one warm process; return the parent's end of its pipe."""
+        assert self.sock is not None
+        parent_end, child_end = socket.socketpair()
+        try:
+            socket.send_fds(self.sock, [encode(Spawn())], [child_end.fileno()])
+        finally:
+            child_end.close()
+        parent_end.settimeout(5.0)
+        return parent_end
+
+    def preload(self, modules: tuple[str, ...]) -> None:
+        """Have the starter import animator modules, so later forks inherit them."""
+        assert self.sock is not None
+        self.sock.send(encode(Preload(modules, tuple(sys.path))))
+
+    def read(self) -> Exited | None:
+        """Read one report; None means the starter closed its socket."""
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            return None
+        if not data:
+            return None
+        message = decode(data)
+        if not isinstance(message, Exited):
+            raise ProtocolError(f"unexpected message from the starter: {message!r}")
+        return message
+
+    def request_stop(self) -> None:
+        """Ask the starter to kill everything below it and exit."""
+        if self.sock is not None:
+            try:
+                self.sock.send(encode(Stop()))
+            except OSError:
+                pass
+
+    def close(self) -> int | None:
+        """Reap the (exited or killed) starter and close its descriptors."""
+        code = None
+        if self.popen is not None:
+            try:
+                code = self.popen.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                code = self.popen.wait()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        return code
+
+
+class ChildProcess:
+    """One task process as the parent sees it: its pipe, pidfd and fate."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.task_id: str | None = None
+        self.final: Finished | None = None  #: the child's final report, if any
+        self.forced: tuple[TaskState, str] | None = None  #: outcome chosen by a kill
+        self.exited = False  #: the pidfd said the process is gone
+        self.reaped = False  #: the starter reaped it and killed its orphans
+        self.exitcode: int | None = None
+        self.timers: list[asyncio.TimerHandle] = []
+        self.max_memory: int | None = None
+
+    @property
+    def killing(self) -> bool:
+        """True once the supervisor decided to kill this tree."""
+        return self.forced is not None
+
+    def send(self, message: object) -> None:
+        """Send one frame (blocking at most the socket timeout)."""
+        payload = encode(message)
+        self.sock.sendall(_HEADER.pack(len(payload)) + payload)
+
+    def read_frames(self) -> tuple[list[object], bool]:
+        """Read what is available without blocking; return (messages, eof).
+
+        Raises:
+            ProtocolError: a frame is malformed or too long.
+        """
+        eof = False
+        try:
+            data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            if not data:
+                eof = True
+            self.buffer += data
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            eof = True
+        messages: list[object] = []
+        while len(self.buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self.buffer)
+            if size < 0 or size > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"bad frame length {size}")
+            if len(self.buffer) < _HEADER.size + size:
+                break
+            payload = bytes(self.buffer[_HEADER.size:_HEADER.size + size])
+            del self.buffer[:_HEADER.size + size]
+            messages.append(decode(payload))
+        return messages, eof
+
+    def close(self) -> None:
+        """Close the pipe and the pidfd; cancel timers."""
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

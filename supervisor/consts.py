@@ -1,0 +1,35 @@
+"""Timing knobs of the supervisor, in one place (seconds unless stated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Consts:
+    """Defaults shared by the parent and the child side."""
+
+    #: Coalescing window of progress reports in the child: at most one report
+    #: per window, and the latest value is sent at the end of the window, so the
+    #: table lags a hot loop by at most this much plus a pipe hop (spec: 100 ms).
+    progress_interval: float = 0.05
+    #: How often ``TaskOps.is_canceled()`` really looks at the pipe; in between
+    #: it costs one clock read.
+    cancel_poll_interval: float = 0.005
+    #: Between SIGTERM and SIGKILL when a task tree is killed.
+    term_grace: float = 0.5
+    #: How many processes the starter keeps forked ahead of need (capped by
+    #: ``max_workers``).
+    warm_processes: int = 2
+    #: Bound of one subscriber's undelivered events before it is dropped.
+    subscriber_backlog: int = 10_000
+    #: Messages kept per task (the oldest are dropped beyond it).
+    max_messages: int = 100
+    #: How long ``terminate()`` waits for the starter to exit before killing it.
+    starter_stop_timeout: float = 2.0
+    #: Deadlock guard of ``terminate()``: it never waits longer than
+    #: ``cancel_grace`` + this before it reaps by force and returns.
+    terminate_slack: float = 10.0
+
+
+CONSTS = Consts()

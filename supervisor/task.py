@@ -1,0 +1,103 @@
+"""One task record: state transitions, version bumps, bounded messages, wire form."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from supervisor.consts import CONSTS
+from supervisor.states import TaskState, can_transition, is_terminal
+
+_PROGRESS_WIRE = {
+    "percent_complete": "percentComplete",
+    "total_bytes": "totalBytes",
+    "offset_bytes": "offsetBytes",
+    "transferred_bytes": "transferredBytes",
+}
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """Format a time as the wire's RFC 3339 UTC string with microseconds."""
+    moment = datetime.now(UTC) if when is None else datetime.fromtimestamp(when, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Task:
+    """The supervisor's record of one task; mutated only under the manager's lock."""
+
+    def __init__(self, task_id: str, create: dict[str, Any]) -> None:
+        self.id = task_id
+        self.operation: str = create["operation"]
+        self.object_id: str | None = create.get("objectId")
+        self.service_states: dict[str, Any] = copy.deepcopy(create.get("serviceStates") or {})
+        self.args: dict[str, Any] = copy.deepcopy(create.get("args") or {})
+        self.state = TaskState.NEW
+        self.cancel_requested = False
+        self.version = 1
+        self.time_created = self.time_modified = utc_stamp()
+        self.progress: dict[str, Any] | None = None
+        self.messages: deque[dict[str, str]] = deque(maxlen=CONSTS.max_messages)
+        self.result: Any = None
+
+    @property
+    def terminal(self) -> bool:
+        """True once the task reached CANCELED, FAILED or SUCCEEDED."""
+        return is_terminal(self.state)
+
+    def touch(self) -> None:
+        """Record a change: the version grows by one and timeModified follows."""
+        self.version += 1
+        self.time_modified = utc_stamp()
+
+    def note(self, text: str) -> None:
+        """Append a message (the oldest drop out beyond the bound); no version bump."""
+        self.messages.append({"time": utc_stamp(), "message": text})
+
+    def transition(self, new: TaskState, *notes: str) -> None:
+        """Move to ``new``, recording "State change A ⇒ B" and any ``notes``.
+
+        Raises:
+            ValueError: the transition is not allowed (e.g. out of a terminal state).
+        """
+        if not can_transition(self.state, new):
+            raise ValueError(f"task {self.id}: no transition {self.state} ⇒ {new}")
+        for text in notes:
+            self.note(text)
+        self.note(f"State change {self.state.value} ⇒ {new.value}")
+        self.state = new
+        self.touch()
+
+    def set_progress(self, values: dict[str, int], timestamp: float) -> None:
+        """Merge reported progress figures (already checked) and stamp them."""
+        progress = dict(self.progress or {})
+        for name, value in values.items():
+            progress[_PROGRESS_WIRE[name]] = value
+        progress["timestamp"] = utc_stamp(timestamp)
+        self.progress = progress
+        self.touch()
+
+    def to_wire(self) -> dict[str, Any]:
+        """Build the JSON-ready wire dict (a fresh copy each call)."""
+        wire: dict[str, Any] = {
+            "meta": {
+                "id": self.id,
+                "objType": "Task",
+                "version": self.version,
+                "timeCreated": self.time_created,
+                "timeModified": self.time_modified,
+            },
+            "operation": self.operation,
+            "serviceStates": copy.deepcopy(self.service_states),
+            "args": copy.deepcopy(self.args),
+            "state": self.state.value,
+            "cancelRequested": self.cancel_requested,
+            "messages": [dict(m) for m in self.messages],
+            "result": copy.deepcopy(self.result),
+        }
+        if self.object_id is not None:
+            wire["objectId"] = self.object_id
+        if self.progress is not None:
+            wire["progress"] = dict(self.progress)
+        return wire
