@@ -54,9 +54,18 @@ def kill_tree(pid: int, timeout: float = 2.0) -> list[int]:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = [p for p in alive if not _is_zombie(p)]
     if alive:
         log.error("processes survived SIGKILL: %s", [p.pid for p in alive])
     return [p.pid for p in alive]
+
+
+def _is_zombie(proc: psutil.Process) -> bool:
+    """A zombie is dead: it only waits for its parent (maybe init) to reap it."""
+    try:
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return True
 
 
 def kill_adopted(exclude: set[int]) -> list[int]:

@@ -27,7 +27,7 @@ import socket
 import sys
 
 from supervisor.protocol import Exited, Preload, Spawn, Stop, decode, encode
-from supervisor.linux import PR_SET_PDEATHSIG, prctl
+from supervisor.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from workers.child import run_warm_process
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
@@ -61,6 +61,10 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class ParentGone(Exception):  # noqa: N818
+    """The supervisor closed its end of the socket: time to clean up and go."""
 
 
 class Starter:
@@ -106,9 +110,12 @@ class Starter:
                 reaped_known = True
         if reaped_known:
             self.kill_orphans()
-        for exited in self.exits:
-            self.sock.send(encode(exited))
-        self.exits.clear()
+        exits, self.exits = self.exits, []
+        for exited in exits:
+            try:
+                self.sock.send(encode(exited))
+            except OSError:
+                raise ParentGone() from None
 
     def kill_orphans(self) -> None:
         """Kill and reap every child that is not a task process of ours."""
@@ -158,6 +165,7 @@ def serve(sock: socket.socket, parent: int) -> int:
     signal.signal(signal.SIGTERM, lambda s, f: stopping.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != parent:
         return EXIT_ORPHANED
     selector = selectors.DefaultSelector()
@@ -172,6 +180,8 @@ def serve(sock: socket.socket, parent: int) -> int:
                 else:
                     os.read(wake_r, 4096)
                     starter.reap()
+        return EXIT_OK
+    except ParentGone:
         return EXIT_OK
     finally:
         starter.kill_all()
