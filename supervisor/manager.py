@@ -60,8 +60,8 @@ from supervisor.protocol import (
     check_progress,
 )
 from supervisor.states import TaskState
-from supervisor.task import Task
 from supervisor.table import TaskTable
+from supervisor.task import Task
 
 log = logging.getLogger("housekeeping.supervisor")
 

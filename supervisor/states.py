@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class TaskState(str, enum.Enum):
+class TaskState(enum.StrEnum):
     """The state of a task; the value is the wire form."""
 
     #: Accepted, waiting for a worker slot (queued).

@@ -31,7 +31,7 @@ EXIT_NO_TASK = 0  # the parent closed the pipe before handing over a task
 EXIT_BAD_START = 70  # the Start message could not be read
 
 
-class Terminated(BaseException):  # noqa: N818 - raised by the SIGTERM handler
+class Terminated(BaseException):
     """Raised in the task process when it receives SIGTERM."""
 
 
@@ -103,7 +103,7 @@ def _execute(start: Start, ops: TaskOps) -> Finished:
         return Finished(TaskState.CANCELED.value, reason="canceled at an await point")
     except Terminated:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes a report
+    except BaseException as exc:  # every failure becomes a report, SystemExit too
         return Finished(
             TaskState.FAILED.value,
             reason=f"{type(exc).__name__}: {exc}",
@@ -132,7 +132,7 @@ def _encode_result(result: Any) -> Finished:
     return Finished(TaskState.SUCCEEDED.value, result_json=text)
 
 
-class _CanceledAtAwait(Exception):  # noqa: N818
+class _CanceledAtAwait(Exception):
     """The asyncio task of ``execute`` was canceled because the task was."""
 
 

@@ -14,7 +14,7 @@ from supervisor.states import TaskState, is_terminal
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-class TaskEnded(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class TaskEnded(BaseException):
     """Raised by ``TaskOps.set_state`` with a terminal state to end ``execute``.
 
     It derives from BaseException so that an animator's ``except Exception``

@@ -26,8 +26,8 @@ import signal
 import socket
 import sys
 
-from supervisor.protocol import Exited, Preload, Spawn, Stop, decode, encode
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+from supervisor.protocol import Exited, Preload, Spawn, Stop, decode, encode
 from workers.child import run_warm_process
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
@@ -63,7 +63,7 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
-class ParentGone(Exception):  # noqa: N818
+class ParentGone(Exception):
     """The supervisor closed its end of the socket: time to clean up and go."""
 
 
@@ -204,7 +204,7 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
         for name in message.modules:
             try:
                 importlib.import_module(name)
-            except BaseException:  # noqa: BLE001 - a bad module fails its task, not us
+            except BaseException:  # a bad module fails its own tasks, not the starter
                 pass
     elif isinstance(message, Stop):
         return False
