@@ -172,6 +172,8 @@ class Manager:
         """
         if not isinstance(operation, str) or not operation:
             raise ValueError("operation must be a non-empty string")
+        if isinstance(animator, type):
+            raise TypeError(f"register an instance of {animator.__name__}, not the class")
         for method in ("validate", "execute"):
             if not callable(getattr(animator, method, None)):
                 raise TypeError(f"an animator needs a callable {method}(); got {animator!r}")
@@ -380,7 +382,12 @@ class Manager:
         try:
             self._starter.preload(modules)
         except OSError:
-            pass  # the starter died; its successor preloads every module
+            return  # the starter died; its successor preloads every module
+        # NOTE: processes forked before the Preload would import the module
+        # at their first task (tens of ms); trade them for fresh ones now.
+        for child in list(self._warm) + list(self._spawning):
+            self._discard(child, replenish=False)
+        self._replenish()
 
     def _replenish(self) -> None:
         """Keep ``_warm_target`` processes forked ahead of need."""

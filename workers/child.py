@@ -21,6 +21,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+import uvloop  # imported here, in the starter, so that forks inherit it
+
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
 from supervisor.protocol import MAX_RESULT_BYTES, Finished, Ready, Start, decode, encode
 from supervisor.states import TaskState
@@ -138,8 +140,6 @@ class _CanceledAtAwait(Exception):
 
 def _run_async(animator: Any, ops: TaskOps) -> Any:
     """Run an ``async def execute`` on uvloop; a cancel cancels its asyncio task."""
-    import uvloop
-
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         inner = asyncio.ensure_future(animator.execute(ops))
