@@ -143,6 +143,7 @@ class ChildProcess:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
+        self.reading = True  #: False after EOF or a protocol error
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.task_id: str | None = None

@@ -128,6 +128,7 @@ class Manager:
         self._table = TaskTable()
         self._events = EventHub(CONSTS.subscriber_backlog)
         self._animators: dict[str, _Registration] = {}
+        self._preloaded: set[str] = set()  # animator modules the starter imported
         self._queue: deque[str] = deque()
         self._running: dict[str, ChildProcess] = {}  # by task id
         self._by_pid: dict[int, ChildProcess] = {}  # every child with a known pid
@@ -199,7 +200,8 @@ class Manager:
         with self._lock:
             self._check_open()
             self._animators[operation] = registration
-        if module != "__main__":
+        if module != "__main__" and module not in self._preloaded:
+            self._preloaded.add(module)
             self._loop_thread.call(self._preload, (module,))
 
     def registered_operations(self) -> list[str]:
@@ -370,12 +372,8 @@ class Manager:
         assert self._starter.sock is not None and self._starter.pidfd is not None
         loop.add_reader(self._starter.sock.fileno(), self._on_starter_readable)
         loop.add_reader(self._starter.pidfd, self._on_starter_died)
-        modules = tuple(sorted({
-            type(r.animator).__module__ for r in self._animators.values()
-            if r.main_path is None
-        }))
-        if modules:
-            self._starter.preload(modules)
+        if self._preloaded:
+            self._starter.preload(tuple(sorted(self._preloaded)))
         self._replenish()
 
     def _preload(self, modules: tuple[str, ...]) -> None:
@@ -453,6 +451,7 @@ class Manager:
             self._stop_reading(child)
 
     def _stop_reading(self, child: ChildProcess) -> None:
+        child.reading = False
         try:
             asyncio.get_running_loop().remove_reader(child.sock.fileno())
         except (ValueError, OSError):
@@ -523,7 +522,7 @@ class Manager:
         loop.remove_reader(child.pidfd)
         child.exited = True
         try:
-            while True:
+            while child.reading:
                 messages, eof = child.read_frames()
                 for message in messages:
                     self._handle(child, message)

@@ -10,6 +10,7 @@ it. It then blocks on its pipe until the parent hands it a :class:`Start`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -70,7 +71,8 @@ def run_task(start: Start, conn: Connection) -> int:
     except Terminated as exc:
         final = Finished(TaskState.FAILED.value, reason=str(exc), error_type="Terminated")
     ops.send_final(final)
-    conn.close()
+    with contextlib.suppress(OSError):  # an animator may have closed it
+        conn.close()
     return EXIT_OK
 
 
