@@ -389,8 +389,8 @@ class Manager:
 
     def _replenish(self) -> None:
         """Keep ``_warm_target`` processes forked ahead of need."""
-        if self._terminating:
-            return
+        if self._terminating or self._starter.sock is None:
+            return  # no starter: _on_starter_died starts another, then replenishes
         loop = asyncio.get_running_loop()
         while len(self._warm) + len(self._spawning) < self._warm_target:
             try:
@@ -714,14 +714,14 @@ class Manager:
                 reaper.kill_tree(child.pid, timeout=1.0)
         if self.subreaper:
             reaper.kill_adopted(exclude=set())
-        for child in list(self._running.values()):
-            self._maybe_finish(child)
         # NOTE: a starter that cannot even come up (say, workers fails to
         # import) must not turn into a fork loop: back off, up to 5 s.
         lived = loop.time() - self._starter_started
         self._starter_failures = 0 if lived > 10 else self._starter_failures + 1
         delay = min(5.0, 0.1 * (2 ** self._starter_failures)) if self._starter_failures > 1 else 0
         loop.call_later(delay, self._restart_starter)
+        for child in list(self._running.values()):
+            self._maybe_finish(child)
 
     def _restart_starter(self) -> None:
         if not self._terminating:

@@ -18,6 +18,7 @@ supervisor. Light imports only: the child and the starter import this module.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ def check_progress(values: dict[str, Any]) -> dict[str, int]:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number")
         number = int(value)
         if name == "percent_complete":
             number = min(100, max(0, number))
