@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("housekeeping.children")
 
 _HEADER = struct.Struct("!i")
+DATA, EMPTY, EOF = "data", "empty", "eof"  #: what one read of a task pipe saw
 _STARTER_BOOT = (
     "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
     "from workers.starter import main; sys.exit(main())"
@@ -165,22 +166,26 @@ class ChildProcess:
         payload = encode(message)
         self.sock.sendall(_HEADER.pack(len(payload)) + payload)
 
-    def read_frames(self) -> tuple[list[object], bool]:
-        """Read what is available without blocking; return (messages, eof).
+    def read_frames(self) -> tuple[list[object], str]:
+        """Read one chunk without blocking; return (messages, what the read saw).
+
+        What the read saw is ``DATA``, ``EMPTY`` (nothing there now) or ``EOF``.
+        A caller draining the pipe stops at EMPTY too: a grandchild holding a
+        copy of the pipe open must not keep it waiting for an EOF.
 
         Raises:
             ProtocolError: a frame is malformed or too long.
         """
-        eof = False
+        seen = DATA
         try:
             data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
             if not data:
-                eof = True
+                seen = EOF
             self.buffer += data
         except (BlockingIOError, InterruptedError):
-            pass
+            seen = EMPTY
         except OSError:
-            eof = True
+            seen = EOF
         messages: list[object] = []
         while len(self.buffer) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(self.buffer)
@@ -191,7 +196,7 @@ class ChildProcess:
             payload = bytes(self.buffer[_HEADER.size:_HEADER.size + size])
             del self.buffer[:_HEADER.size + size]
             messages.append(decode(payload))
-        return messages, eof
+        return messages, seen
 
     def close(self) -> None:
         """Close the pipe and the pidfd; cancel timers."""

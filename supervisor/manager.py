@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from supervisor import reaper
-from supervisor.children import ChildProcess, StarterProcess
+from supervisor.children import DATA, EOF, ChildProcess, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import (
     InvalidArguments,
@@ -441,13 +441,13 @@ class Manager:
 
     def _on_child_readable(self, child: ChildProcess) -> None:
         try:
-            messages, eof = child.read_frames()
+            messages, seen = child.read_frames()
         except ProtocolError as exc:
             self._protocol_violation(child, str(exc))
             return
         for message in messages:
             self._handle(child, message)
-        if eof:
+        if seen == EOF:
             self._stop_reading(child)
 
     def _stop_reading(self, child: ChildProcess) -> None:
@@ -523,10 +523,10 @@ class Manager:
         child.exited = True
         try:
             while child.reading:
-                messages, eof = child.read_frames()
+                messages, seen = child.read_frames()
                 for message in messages:
                     self._handle(child, message)
-                if eof or not messages:
+                if seen != DATA:
                     break
         except ProtocolError as exc:
             self._protocol_violation(child, str(exc))
