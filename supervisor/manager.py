@@ -38,6 +38,7 @@ from supervisor import reaper
 from supervisor.children import DATA, EOF, ChildProcess, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import (
+    HousekeepingError,
     InvalidArguments,
     ManagerTerminated,
     QueueFull,
@@ -220,7 +221,9 @@ class Manager:
             UnsupportedOperation: no animator is registered for the operation.
             QueueFull: too many tasks would wait for a slot (``max_queued``).
             ManagerTerminated: the manager is terminating or terminated.
-            Exception: whatever the animator's ``validate`` raised.
+            InvalidAnimator: the animator does not handle this operation.
+            InvalidArguments: also for any other exception from ``validate``
+                (chained as its ``__cause__``).
         """
         _check_create(create)
         with self._lock:
@@ -228,7 +231,14 @@ class Manager:
             registration = self._animators.get(create["operation"])
         if registration is None:
             raise UnsupportedOperation(f"unsupported operation {create['operation']!r}")
-        registration.animator.validate(dict(create))  # outside the lock: it is user code
+        try:
+            registration.animator.validate(dict(create))  # outside the lock: user code
+        except HousekeepingError:
+            raise
+        except Exception as exc:
+            # NOTE: any other exception from validate is still a refusal of
+            # the arguments (REST: 400); the original stays as __cause__.
+            raise InvalidArguments(str(exc) or type(exc).__name__) from exc
         with self._lock:
             self._check_open()
             if self.max_queued is not None:

@@ -98,9 +98,12 @@ def test_unsupported_operation(m):
 def test_exception_from_validate_surfaces(m, reject, error):
     log = EventLog()
     m.subscribe(log)
-    with pytest.raises(error) as info:
+    with pytest.raises(InvalidArguments if error is LookupError else error) as info:
         m.run_task({"operation": "VALID", "args": {"reject": reject}})
     assert str(info.value)
+    if error is LookupError:
+        # Any other exception is reported as InvalidArguments, chained.
+        assert isinstance(info.value.__cause__, LookupError)
     assert_nothing_recorded(m, log)
 
 

@@ -1,0 +1,276 @@
+"""The ``housekeeping`` command: ``serve`` the REST API, ``hash-token`` for token files."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from rest.auth import AccessControl
+
+log = logging.getLogger("housekeeping.server")
+
+# Exit codes.
+RET_OK = 0  # Served and shut down cleanly, or the command did its job.
+RET_FAILED = 1  # The server stopped because its network loop died.
+RET_USAGE = 2  # The command line is wrong (argparse uses the same code).
+RET_INSECURE = 3  # Refused a non-loopback --host without --tokens (use --insecure to force).
+RET_TOKENS = 4  # The --tokens file is unreadable or malformed.
+RET_ANIMATORS = 5  # An --animators spec is malformed, fails to import, or its function raised.
+RET_BIND = 6  # Could not listen on --host/--port.
+RET_WRONG_SUPERVISOR = 7  # `import supervisor` found another package (supervisord's).
+
+_SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+SUPERVISORD_ADVICE = """\
+housekeeping: `import supervisor` found {where}, which is not housekeeping's
+supervisor package (supervisord, PyPI "supervisor", uses the same name).
+Two distributions cannot share one top-level package in one environment.
+Install supervisord separately (a system package, or its own virtualenv or
+pipx), then reinstall housekeeping here: pip install --force-reinstall housekeeping
+"""
+
+
+class CommandError(Exception):
+    """Raised to end a command with a message and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``housekeeping`` command.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        An exit code, one of the ``RET_*`` constants.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "hash-token":
+            return hash_token_command(args, sys.stdin, sys.stdout)
+    except CommandError as exc:
+        print(f"housekeeping: {exc}", file=sys.stderr)
+        return exc.code
+    parser.print_help(sys.stderr)
+    return RET_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="housekeeping", description="Run in-memory tasks in child processes, over REST."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="serve the REST API with waitress")
+    add = serve_parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=_count, default=8080, help="port; 0 picks a free one (default: %(default)s)")
+    add("--animators", action="append", default=[], metavar="MOD:FUNC",
+        help="import MOD (the current directory is importable) and call FUNC(manager); "
+             "repeatable")
+    add("--tokens", metavar="FILE", help="bearer token file; without it there is no auth")
+    add("--purge-delay", type=_seconds, default=60.0, metavar="S",
+        help="seconds a finished task stays listed (default: %(default)s)")
+    add("--max-workers", type=_positive, default=None, metavar="N",
+        help="tasks running at once (default: CPU count)")
+    add("--max-queued", type=_count, default=None, metavar="N",
+        help="tasks waiting for a slot before 429 (default: no limit)")
+    add("--cancel-grace", type=_seconds, default=5.0, metavar="S",
+        help="seconds a canceled task gets before it is killed (default: %(default)s)")
+    add("--threads", type=_positive, default=8, metavar="N",
+        help="waitress request threads (default: %(default)s)")
+    add("--max-streams", type=_positive, default=None, metavar="N",
+        help="event streams open at once, each holding a thread (default: threads / 2)")
+    add("--log-level", default="INFO", type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
+    add("--insecure", action="store_true",
+        help="allow a non-loopback --host without --tokens (anyone may run tasks)")
+    add("--no-demo", action="store_true", help="do not register the SLEEP and HASH demo animators")
+    token_parser = commands.add_parser(
+        "hash-token", help="print the SHA-256 digest of a token (read from stdin) for --tokens"
+    )
+    token_parser.add_argument("--generate", action="store_true",
+                              help="make a new random token and print it with its digest")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run ``housekeeping serve`` until SIGTERM/SIGINT; return an exit code."""
+    logging.basicConfig(level=args.log_level, format=_LOG_FORMAT, stream=sys.stderr)
+    # NOTE: waitress warns "Task queue depth" whenever requests wait for a thread,
+    # which is normal under load; the access log already shows the traffic.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    check_supervisor_package()
+    access_control = _access_control(args)
+    registrars = load_animators(args.animators, demo=not args.no_demo)
+
+    import falcon
+
+    from rest.app import RestOptions, install_error_handling, register_handlers
+    from rest.server import AccessLog, Server, install_signal_handlers
+    from supervisor import Manager
+
+    stop = install_signal_handlers()
+    manager = Manager(
+        purge_delay=args.purge_delay,
+        max_workers=args.max_workers,
+        max_queued=args.max_queued,
+        cancel_grace=args.cancel_grace,
+    )
+    try:
+        for spec, register in registrars:
+            try:
+                register(manager)
+            except Exception as exc:
+                log.debug("%s raised", spec, exc_info=True)
+                raise CommandError(
+                    RET_ANIMATORS, f"--animators {spec}: {type(exc).__name__}: {exc}"
+                ) from None
+        app = falcon.App(middleware=[AccessLog()])
+        install_error_handling(app)
+        options = RestOptions(max_streams=args.max_streams or max(1, args.threads // 2))
+        handlers = register_handlers(app, manager, access_control, options=options)
+        try:
+            server = Server(app, host=args.host, port=args.port, threads=args.threads, stop=stop)
+        except OSError as exc:
+            raise CommandError(
+                RET_BIND, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+            ) from None
+        log.info("operations: %s", ", ".join(manager.registered_operations()) or "none")
+        ok = server.serve_until_stopped(handlers, manager.terminate, sys.stdout)
+    finally:
+        manager.terminate()
+    return RET_OK if ok else RET_FAILED
+
+
+def check_supervisor_package() -> None:
+    """Make sure ``import supervisor`` is housekeeping's package, not supervisord's.
+
+    Raises:
+        CommandError: naming what was found, with the advice to install
+            supervisord separately.
+    """
+    try:
+        import supervisor
+    except ImportError as exc:
+        raise CommandError(RET_WRONG_SUPERVISOR, f"cannot import supervisor: {exc}") from None
+    if not getattr(supervisor, "HOUSEKEEPING", False):
+        where = getattr(supervisor, "__file__", None) or "a package without __init__.py"
+        raise CommandError(RET_WRONG_SUPERVISOR, SUPERVISORD_ADVICE.format(where=where).strip())
+
+
+def load_animators(
+    specs: list[str], *, demo: bool
+) -> list[tuple[str, Callable[[Any], object]]]:
+    """Import each ``module:function`` spec, demo animators first unless ``demo`` is false.
+
+    Raises:
+        CommandError: a spec is malformed, its module fails to import, or the
+            function is missing.
+    """
+    registrars: list[tuple[str, Callable[[Any], object]]] = []
+    if demo:
+        from workers import demo as demo_module
+
+        registrars.append(("workers.demo:register", demo_module.register))
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for spec in specs:
+        match = _SPEC.fullmatch(spec)
+        if match is None:
+            raise CommandError(
+                RET_ANIMATORS, f"--animators {spec!r}: expected module.path:function"
+            )
+        try:
+            module = importlib.import_module(match["module"])
+        except Exception as exc:
+            raise CommandError(
+                RET_ANIMATORS,
+                f"--animators {spec}: cannot import {match['module']}: "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
+        function = getattr(module, match["function"], None)
+        if not callable(function):
+            raise CommandError(
+                RET_ANIMATORS,
+                f"--animators {spec}: {match['module']} has no function {match['function']}",
+            )
+        registrars.append((spec, function))
+    return registrars
+
+
+def hash_token_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    """Print the digest of a token read from stdin, or of a newly generated one."""
+    from rest.auth import hash_token
+
+    if args.generate:
+        token = secrets.token_urlsafe(32)
+        print(f"token:  {token}\nsha256: {hash_token(token)}", file=stdout)
+        return RET_OK
+    token = getpass.getpass("token: ") if stdin.isatty() else stdin.readline()
+    token = token.strip()
+    if not token:
+        raise CommandError(RET_USAGE, "hash-token: no token given on stdin")
+    print(hash_token(token), file=stdout)
+    return RET_OK
+
+
+def _access_control(args: argparse.Namespace) -> AccessControl | None:
+    """Check the bind address against --tokens/--insecure and load the token file."""
+    from rest.auth import TokenAccessControl, TokenFileError
+    from rest.server import is_loopback
+
+    if not is_loopback(args.host):
+        if args.tokens is None and not args.insecure:
+            raise CommandError(
+                RET_INSECURE,
+                f"refusing to listen on non-loopback {args.host} without --tokens "
+                "(anyone who can connect could run tasks); add --tokens FILE, "
+                "or --insecure to do it anyway",
+            )
+        if args.tokens is None:
+            log.warning("listening on %s WITHOUT authentication (--insecure)", args.host)
+    if args.tokens is None:
+        return None
+    try:
+        return TokenAccessControl.from_file(args.tokens)
+    except TokenFileError as exc:
+        raise CommandError(RET_TOKENS, str(exc)) from None
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, not negative")
+    return value

@@ -1,0 +1,313 @@
+"""The OpenAPI 3.1 document of the REST API, served at ``/api/v1/openapi.json``.
+
+The document depends on one fact of the app: whether access control is on.
+With it, protected operations declare the bearer scheme and their 401/403
+answers; without it, they declare neither, because neither can happen.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rest.errors import JSON_TYPE, encode_json
+from rest.resources import API_PREFIX
+from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, MAX_NAME_LENGTH
+
+if TYPE_CHECKING:
+    import falcon
+
+Schema = dict[str, Any]
+
+_STATES = ["NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED"]
+
+_ERRORS: dict[str, str] = {
+    "400": "The request is malformed; the message names the field or the problem.",
+    "401": "Credentials are missing or not valid.",
+    "403": "The caller may not do this to tasks of this operation.",
+    "404": "No such task (unknown, purged, or for cancel: already finished).",
+    "409": "No animator is registered for the operation.",
+    "413": f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+    "415": "The request body is not declared as UTF-8 JSON (Content-Type).",
+    "429": "The queue of waiting tasks is full; retry after the given delay.",
+    "503": "The server is shutting down, or too many event streams are open.",
+    "500": "An unexpected error; details are in the server log only.",
+}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema) -> Schema:
+    return {JSON_TYPE: {"schema": schema}}
+
+
+def _error(code: str) -> Schema:
+    return {"$ref": f"#/components/responses/Error{code}"}
+
+
+_STRING_128: Schema = {"type": "string", "maxLength": MAX_NAME_LENGTH}
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_TIME: Schema = {"type": "string", "format": "date-time"}
+_OPERATION_FILTER: Schema = {
+    "name": "operation",
+    "in": "query",
+    "required": False,
+    "description": "Only tasks of this operation; absent or empty means all.",
+    "schema": {"type": "string"},
+}
+_TASK_ID: Schema = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The task's meta.id.",
+    "schema": {"type": "string"},
+}
+
+_SCHEMAS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "required": ["code", "message"],
+        "additionalProperties": False,
+        "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
+    },
+    "TaskState": {"type": "string", "enum": _STATES},
+    "TaskMeta": {
+        "type": "object",
+        "required": ["id", "objType", "version", "timeCreated", "timeModified"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+            "objType": {"const": "Task"},
+            "version": {"type": "integer", "minimum": 1},
+            "timeCreated": _TIME,
+            "timeModified": _TIME,
+        },
+    },
+    "Progress": {
+        "type": "object",
+        "properties": {
+            "percentComplete": {"type": "integer", "minimum": 0, "maximum": 100},
+            "totalBytes": _COUNT,
+            "offsetBytes": _COUNT,
+            "transferredBytes": _COUNT,
+            "timestamp": _TIME,
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": ["meta", "operation", "serviceStates", "args", "state",
+                     "cancelRequested", "messages", "result"],
+        "properties": {
+            "meta": _ref("TaskMeta"),
+            "operation": {"type": "string"},
+            "objectId": _STRING_128,
+            "serviceStates": {"type": "object"},
+            "args": {"type": "object"},
+            "state": _ref("TaskState"),
+            "cancelRequested": {"type": "boolean"},
+            "progress": _ref("Progress"),
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["time", "message"],
+                    "properties": {"time": _TIME, "message": {"type": "string"}},
+                },
+            },
+            "result": {"description": "What execute() returned (any JSON); null until then."},
+        },
+    },
+    "PurgedTask": {
+        "description": "Answered instead of the task when it already ended and was purged "
+                       "(only with a purge delay of 0); the request itself succeeded.",
+        "type": "object",
+        "required": ["meta", "operation", "purged"],
+        "properties": {
+            "meta": {"type": "object", "required": ["id"],
+                     "properties": {"id": {"type": "string"}, "objType": {"const": "Task"}}},
+            "operation": {"type": "string"},
+            "purged": {"const": True},
+        },
+    },
+    "TaskCreate": {
+        "type": "object",
+        "required": ["operation"],
+        "additionalProperties": False,
+        "description": "Read-only task fields (meta, state, ...) and unknown fields are "
+                       "rejected with 400; null means the same as an absent field. "
+                       f"Objects may nest at most {MAX_DEPTH} levels.",
+        "properties": {
+            "operation": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+            "objectId": {"type": ["string", "null"], "maxLength": MAX_NAME_LENGTH},
+            "serviceStates": {"type": ["object", "null"],
+                              "description": "Opaque to the supervisor."},
+            "args": {"type": ["object", "null"],
+                     "description": "Checked by the operation's animator."},
+        },
+    },
+    "TaskEvent": {
+        "description": "The data of one SSE event (event: POST, PATCH or DELETE).",
+        "type": "object",
+        "required": ["method", "uri", "scope", "task"],
+        "properties": {
+            "method": {"enum": ["POST", "PATCH", "DELETE"]},
+            "uri": {"type": "string"},
+            "scope": {"type": "object"},
+            "task": _ref("Task"),
+        },
+    },
+    "DroppedEvent": {
+        "description": "The data of the last SSE event (event: DROPPED) of a stream that fell "
+                       "too far behind: reconnect and re-read the tasks.",
+        "type": "object",
+        "required": ["method", "task", "message"],
+        "properties": {
+            "method": {"const": "DROPPED"},
+            "task": {"type": "null"},
+            "message": {"type": "string"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "operations", "eventStreams"],
+        "properties": {
+            "status": {"const": "ok"},
+            "operations": {"type": "array", "items": {"type": "string"}},
+            "eventStreams": {"type": "integer", "minimum": 0,
+                             "description": "Event streams open now."},
+        },
+        "additionalProperties": {"type": "integer", "minimum": 0,
+                                 "description": "The number of tasks in a state."},
+    },
+}
+
+
+def _responses() -> dict[str, Schema]:
+    responses: dict[str, Schema] = {}
+    retry_after = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                   "schema": {"type": "integer"}}}
+    for code, text in _ERRORS.items():
+        response: Schema = {"description": text, "content": _json(_ref("Error"))}
+        if code == "401":
+            response["headers"] = {"WWW-Authenticate": {
+                "description": 'Bearer realm="housekeeping", with error="invalid_token" '
+                               "when a token was given but is not valid.",
+                "schema": {"type": "string"}}}
+        elif code == "429":
+            response["headers"] = retry_after
+        elif code == "503":
+            response["headers"] = {"Retry-After": {**retry_after["Retry-After"],
+                                                   "description": "Sent when the event stream "
+                                                   "limit is reached."}}
+        responses[f"Error{code}"] = response
+    return responses
+
+
+def build_document(*, auth: bool) -> dict[str, Any]:
+    """Build the document.
+
+    Args:
+        auth: whether the app authenticates requests (access control on).
+
+    Returns:
+        The OpenAPI 3.1 document as a JSON-ready dict.
+    """
+
+    def operation(op_id: str, summary: str, ok: dict[str, Schema], errors: list[str],
+                  *, protected: bool = True, **extra: Any) -> Schema:
+        codes = [c for c in errors if (auth and protected) or c not in ("401", "403")]
+        result: Schema = {"operationId": op_id, "summary": summary, **extra,
+                          "responses": {**ok, **{c: _error(c) for c in [*codes, "500"]}}}
+        if auth and not protected:
+            result["security"] = []
+        return result
+
+    task_or_stub = {"anyOf": [_ref("Task"), _ref("PurgedTask")]}
+    events = (
+        "One SSE event per change to a task the caller may view, in order: `event:` is "
+        "POST, PATCH or DELETE and `data:` a TaskEvent. Comments (`: keep-alive`) are "
+        "sent when idle. A client that fell too far behind receives `event: DROPPED` "
+        "(data: DroppedEvent) and the stream ends."
+    )
+    paths: dict[str, Schema] = {
+        f"{API_PREFIX}/tasks": {
+            "get": operation(
+                "listTasks", "List the tasks the caller may view, in creation order.",
+                {"200": {"description": "The tasks.",
+                         "content": _json({"type": "array", "items": _ref("Task")})}},
+                ["401"], parameters=[_OPERATION_FILTER]),
+            "post": operation(
+                "createTask", "Create a task.",
+                {"201": {"description": "The task, queued (NEW) or already running.",
+                         "headers": {"Location": {"description": "The task's URL path.",
+                                                  "schema": {"type": "string"}}},
+                         "content": _json(task_or_stub)}},
+                ["400", "401", "403", "409", "413", "415", "429", "503"],
+                requestBody={"required": True, "content": _json(_ref("TaskCreate"))}),
+        },
+        f"{API_PREFIX}/tasks/{{id}}": {
+            "get": operation(
+                "getTask", "Fetch one task.",
+                {"200": {"description": "The task.", "content": _json(_ref("Task"))}},
+                ["401", "403", "404"], parameters=[_TASK_ID]),
+        },
+        f"{API_PREFIX}/tasks/{{id}}/cancel": {
+            "post": operation(
+                "cancelTask", "Ask a task to stop; canceling a canceling task is a no-op.",
+                {"200": {"description": "The task, with cancelRequested true.",
+                         "content": _json(task_or_stub)}},
+                ["401", "403", "404", "503"], parameters=[_TASK_ID]),
+        },
+        f"{API_PREFIX}/task-events": {
+            "get": operation(
+                "streamTaskEvents", "Stream changes to tasks as Server-Sent Events.",
+                {"200": {"description": events,
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                ["401", "503"], parameters=[_OPERATION_FILTER]),
+        },
+        f"{API_PREFIX}/openapi.json": {
+            "get": operation(
+                "getOpenApi", "This document.",
+                {"200": {"description": "The OpenAPI document.",
+                         "content": _json({"type": "object"})}},
+                [], protected=False),
+        },
+        "/healthz": {
+            "get": operation(
+                "getHealth",
+                "Liveness, registered operations, task counts by state, open event streams.",
+                {"200": {"description": "The server is up.", "content": _json(_ref("Health"))}},
+                [], protected=False),
+        },
+    }
+    components: dict[str, Any] = {"schemas": _SCHEMAS, "responses": _responses()}
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "housekeeping",
+            "version": "1",
+            "description": "In-memory tasks, each run in a child process of its own. "
+                           'Every error is {"code": <status>, "message": <text>}.',
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": components,
+    }
+    if auth:
+        components["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "A token listed (as its SHA-256 digest) in the server's token file."}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+class OpenApiDocument:
+    """``/api/v1/openapi.json``: the document, encoded once (GET, no authentication)."""
+
+    def __init__(self, *, auth: bool) -> None:
+        self._body = encode_json(build_document(auth=auth))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Return the OpenAPI document."""
+        resp.content_type = JSON_TYPE
+        resp.data = self._body

@@ -1,0 +1,156 @@
+"""The task resources: thin responders over a manager and a guard.
+
+Responders authenticate, validate, call the manager and write JSON. They do
+not catch the supervisor's errors: ``rest.app`` maps those to HTTP in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rest.errors import JSON_TYPE, encode_json
+from rest.validation import parse_create
+from supervisor import TaskNotFound
+
+if TYPE_CHECKING:
+    import falcon
+
+    from rest.auth import Guard
+
+log = logging.getLogger("housekeeping.rest")
+
+API_PREFIX = "/api/v1"
+
+Event = dict[str, Any]
+
+
+class TaskManager(Protocol):
+    """What the REST layer needs of a manager (``supervisor.Manager`` fits)."""
+
+    def run_task(self, create: dict[str, Any]) -> str:
+        """Validate and queue a task; return its id."""
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        """Return the task's wire dict."""
+
+    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """Return the tasks, in creation order, optionally of one operation."""
+
+    def cancel_task(self, task_id: str) -> None:
+        """Ask a task to stop."""
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Deliver change events to ``callback``; return the unsubscribe function."""
+
+    def registered_operations(self) -> list[str]:
+        """Return the operations that have an animator, sorted."""
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of tasks by state."""
+
+
+def send_json(resp: falcon.Response, value: Any, status: int = 200) -> None:
+    """Write ``value`` as the JSON body of ``resp``."""
+    resp.status = status
+    resp.content_type = JSON_TYPE
+    resp.data = encode_json(value)
+
+
+def operation_param(req: falcon.Request) -> str | None:
+    """Return the ``?operation=`` filter; absent or empty means every operation."""
+    return req.get_param("operation") or None
+
+
+def purged_stub(task_id: str, operation: str) -> dict[str, Any]:
+    """Describe a task that was purged before the response could show it.
+
+    NOTE: with ``purge_delay=0`` a task that ends within microseconds of its
+    creation (or of its cancel) can be gone before the responder reads it back;
+    the request still succeeded, so it is answered with this stub, not 404.
+    """
+    return {"meta": {"id": task_id, "objType": "Task"}, "operation": operation, "purged": True}
+
+
+class TaskCollection:
+    """``/api/v1/tasks``: list (GET) and create (POST)."""
+
+    def __init__(self, manager: TaskManager, guard: Guard) -> None:
+        self._manager = manager
+        self._guard = guard
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """List the tasks the caller may view, in creation order."""
+        subject = self._guard.authenticate(req)
+        tasks = self._manager.list_tasks(operation_param(req))
+        if self._guard.enabled:
+            tasks = [t for t in tasks if self._guard.allows("view", subject, t["operation"])]
+        send_json(resp, tasks)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Create a task: 201 with the task and its ``Location``."""
+        subject = self._guard.authenticate(req)
+        create = parse_create(req)
+        operation: str = create["operation"]
+        self._guard.require("create", subject, operation)
+        # NOTE: run_task reports any exception from the animator's validate()
+        # as InvalidArguments (400); errors map to HTTP in app.py.
+        task_id = self._manager.run_task(create)
+        resp.location = f"{API_PREFIX}/tasks/{task_id}"
+        try:
+            task = self._manager.get_task(task_id)
+        except TaskNotFound:
+            task = purged_stub(task_id, operation)
+        send_json(resp, task, 201)
+
+
+class TaskItem:
+    """``/api/v1/tasks/{task_id}``: one task (GET)."""
+
+    def __init__(self, manager: TaskManager, guard: Guard) -> None:
+        self._manager = manager
+        self._guard = guard
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """Return the task."""
+        subject = self._guard.authenticate(req)
+        task = self._manager.get_task(task_id)
+        self._guard.require("view", subject, task["operation"])
+        send_json(resp, task)
+
+
+class TaskCancel:
+    """``/api/v1/tasks/{task_id}/cancel``: ask a task to stop (POST)."""
+
+    def __init__(self, manager: TaskManager, guard: Guard) -> None:
+        self._manager = manager
+        self._guard = guard
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        """Cancel the task; 200 with the task, now with ``cancelRequested: true``."""
+        subject = self._guard.authenticate(req)
+        operation: str = self._manager.get_task(task_id)["operation"]
+        self._guard.require("cancel", subject, operation)
+        self._manager.cancel_task(task_id)
+        try:
+            task = self._manager.get_task(task_id)
+        except TaskNotFound:
+            task = purged_stub(task_id, operation)
+        send_json(resp, task)
+
+
+class Health:
+    """``/healthz``: liveness, task counts and open event streams, without authentication."""
+
+    def __init__(self, manager: TaskManager, open_streams: Callable[[], int]) -> None:
+        self._manager = manager
+        self._open_streams = open_streams
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Return ``{"status": "ok", <state>: <count>, ..., "operations", "eventStreams"}``."""
+        body: dict[str, Any] = {"status": "ok"}
+        body.update(self._manager.counts())
+        body["operations"] = self._manager.registered_operations()
+        body["eventStreams"] = self._open_streams()
+        send_json(resp, body)

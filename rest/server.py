@@ -1,0 +1,206 @@
+"""Serve the app with waitress, and stop it in order.
+
+Threads of a running server::
+
+    main thread      waits for SIGTERM/SIGINT, then runs the shutdown below
+    waitress loop    accepts and reads/writes sockets (wasyncore, own thread)
+    waitress-N       run requests; an event stream holds one for its life
+    manager threads  the supervisor's own (event delivery, uvloop, ...)
+
+Shutdown order (:meth:`Server.serve_until_stopped`), each step logged at debug:
+
+1. stop accepting: close the listening sockets (in the loop thread);
+2. end the event streams, so their threads are free;
+3. terminate the manager: cancel, wait ``cancel_grace``, kill, reap;
+4. let in-flight requests finish (bounded), close every connection, join
+   the loop thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, TextIO, cast
+
+from waitress import wasyncore
+from waitress.server import BaseWSGIServer, create_server
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import falcon
+
+    from rest.app import Handlers
+
+log = logging.getLogger("housekeeping.server")
+access_log = logging.getLogger("housekeeping.access")
+
+#: waitress's own body limit: far above the app's 1 MiB, a last line of defence only.
+WAITRESS_MAX_BODY = 16 * 1024 * 1024
+#: How long in-flight requests may take to finish once the manager is terminated.
+REQUEST_DRAIN_TIMEOUT = 1.0
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether every address ``host`` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(address).split("%", 1)[0]).is_loopback for address in addresses
+    )
+
+
+class AccessLog:
+    """Falcon middleware: one log line per request, with status and duration."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Note when the request started."""
+        req.context.started = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        """Log ``client METHOD /path?query status duration``."""
+        elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
+        access_log.info(
+            "%s %s %s %s %.1fms",
+            req.remote_addr, req.method, req.relative_uri, resp.status_code, elapsed * 1000,
+        )
+
+
+def install_signal_handlers() -> threading.Event:
+    """Make SIGTERM and SIGINT set the returned event (call from the main thread)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        log.info("%s received%s", name, "; already stopping" if stop.is_set() else "")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+class Server:
+    """A waitress server for one app, run in a thread, stopped in order."""
+
+    def __init__(
+        self,
+        app: falcon.App[Any, Any],
+        *,
+        host: str,
+        port: int,
+        threads: int,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Create the listening socket(s) (port 0 picks a free port).
+
+        Args:
+            app: the WSGI app.
+            host: the address to listen on.
+            port: the port, 0 for a free one (see :attr:`urls`).
+            threads: waitress request threads.
+            stop: set it to shut down (see :func:`install_signal_handlers`).
+
+        Raises:
+            OSError: the address cannot be listened on.
+        """
+        # NOTE: one listener (BaseWSGIServer) or several (MultiSocketServer, e.g. a
+        # name that resolves to IPv4 and IPv6); both keep every socket in one map.
+        self._server: Any = cast(Any, create_server)(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            ident="housekeeping",
+            max_request_body_size=WAITRESS_MAX_BODY,
+            clear_untrusted_proxy_headers=True,
+            asyncore_use_poll=True,
+            # NOTE: keep reading while a request runs, so that a client hanging up
+            # is seen (environ["waitress.client_disconnected"]); event streams use it.
+            channel_request_lookahead=1,
+        )
+        self._map: dict[int, Any] = getattr(self._server, "map", None) or self._server._map
+        self._listeners: list[Any] = [
+            d for d in self._map.values() if isinstance(d, BaseWSGIServer)
+        ]
+        self._thread = threading.Thread(target=self._loop, name="waitress-loop", daemon=True)
+        self._failed = False
+        self._stop = stop or threading.Event()
+
+    @property
+    def urls(self) -> list[str]:
+        """The URLs the server listens on, with the real port."""
+        urls = []
+        for listener in self._listeners:
+            host = str(listener.effective_host)
+            if ":" in host:
+                host = f"[{host}]"
+            urls.append(f"http://{host}:{listener.effective_port}")
+        return urls
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_until_stopped` to shut down (signal-handler safe)."""
+        self._stop.set()
+
+    def serve_until_stopped(
+        self, handlers: Handlers, terminate: Callable[[], None], out: TextIO
+    ) -> bool:
+        """Serve until :meth:`request_stop`, then shut down in order.
+
+        Args:
+            handlers: the app's handlers (their event streams are ended).
+            terminate: terminates the manager (step 3).
+            out: where the URLs are printed.
+
+        Returns:
+            False if the waitress loop died on its own, True otherwise.
+        """
+        self._thread.start()
+        for url in self.urls:
+            print(f"housekeeping serving on {url}", file=out, flush=True)
+        self._stop.wait()
+        log.info("shutting down")
+        log.debug("1. stop accepting connections")
+        self._in_loop(self._close_listeners)
+        log.debug("2. end event streams")
+        handlers.close()
+        log.debug("3. terminate the manager")
+        terminate()
+        log.debug("4. finish in-flight requests, close connections")
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=REQUEST_DRAIN_TIMEOUT)
+        self._in_loop(lambda: wasyncore.close_all(self._map))
+        self._thread.join(REQUEST_DRAIN_TIMEOUT)
+        log.info("stopped")
+        return not self._failed
+
+    def _loop(self) -> None:
+        try:
+            self._server.run()
+        except BaseException:
+            if not self._stop.is_set():
+                self._failed = True
+                log.exception("the waitress loop died")
+        finally:
+            self._stop.set()
+
+    def _in_loop(self, thunk: Callable[[], None]) -> None:
+        """Run ``thunk`` in the loop thread (wasyncore is not thread-safe)."""
+        if self._thread.is_alive() and self._listeners:
+            self._listeners[0].trigger.pull_trigger(thunk)
+        else:
+            thunk()
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            # NOTE: dispatcher.close, not the server's close(): that would also
+            # close the trigger that the next step needs to reach the loop.
+            wasyncore.dispatcher.close(listener)

@@ -1,0 +1,251 @@
+"""Fakes for the REST tests: an in-memory manager and a table-driven access control.
+
+``FakeManager`` keeps the contract of ``supervisor.Manager`` that the REST
+layer uses (same errors, same wire form, events in order) without processes:
+tests move tasks along by hand with :meth:`FakeManager.set_state`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from supervisor import (
+    HousekeepingError,
+    InvalidArguments,
+    ManagerTerminated,
+    QueueFull,
+    TaskNotFound,
+    UnsupportedOperation,
+)
+
+Event = dict[str, Any]
+TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def accept_anything(create: dict[str, Any]) -> None:
+    """A validate() that accepts every create dict."""
+
+
+def require_int_seconds(create: dict[str, Any]) -> None:
+    """A validate() in the demo's style: ``args.seconds`` must be an int if given."""
+    seconds = (create.get("args") or {}).get("seconds", 1)
+    if not isinstance(seconds, int) or isinstance(seconds, bool):
+        raise InvalidArguments("args.seconds must be an integer")
+
+
+class FakeManager:
+    """An in-memory stand-in for ``supervisor.Manager``; events are delivered synchronously."""
+
+    def __init__(self, operations: dict[str, Callable[[dict[str, Any]], None]] | None = None):
+        self.validators: dict[str, Callable[[dict[str, Any]], None]] = (
+            dict(operations) if operations is not None
+            else {"SLEEP": require_int_seconds, "HASH": accept_anything}
+        )
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.created: list[dict[str, Any]] = []  #: every create dict run_task accepted
+        self.queue_full = False
+        self.terminated = False
+        self.purge_at_once = False  #: purge each task as soon as it is created/canceled
+        self.broken: dict[str, Exception] = {}  #: method name -> exception it raises
+        self._numbers = itertools.count(1)
+        self._subscribers: dict[int, Callable[[Event], None]] = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # -- the Manager API the REST layer uses --------------------------------
+
+    def run_task(self, create: dict[str, Any]) -> str:
+        self._maybe_break("run_task")
+        if self.terminated:
+            raise ManagerTerminated("the manager is terminating")
+        validate = self.validators.get(create["operation"])
+        if validate is None:
+            raise UnsupportedOperation(f"unsupported operation {create['operation']!r}")
+        try:
+            validate(dict(create))
+        except HousekeepingError:
+            raise
+        except Exception as exc:  # as the real manager: any other error is a 400
+            raise InvalidArguments(str(exc) or type(exc).__name__) from exc
+        if self.queue_full:
+            raise QueueFull("queue full: 3 tasks already wait")
+        with self._lock:
+            task_id = f"{create['operation'][:20]}{next(self._numbers):06d}"
+            stamp = _now()
+            task: dict[str, Any] = {
+                "meta": {"id": task_id, "objType": "Task", "version": 1,
+                         "timeCreated": stamp, "timeModified": stamp},
+                "operation": create["operation"],
+                "serviceStates": copy.deepcopy(create.get("serviceStates") or {}),
+                "args": copy.deepcopy(create.get("args") or {}),
+                "state": "NEW",
+                "cancelRequested": False,
+                "messages": [],
+                "result": None,
+            }
+            if create.get("objectId") is not None:
+                task["objectId"] = create["objectId"]
+            self.created.append(copy.deepcopy(create))
+            self.tasks[task_id] = task
+            self._emit("POST", task)
+            if self.purge_at_once:
+                self.purge(task_id)
+        return task_id
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        self._maybe_break("get_task")
+        with self._lock:
+            if task_id not in self.tasks:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            return copy.deepcopy(self.tasks[task_id])
+
+    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
+        self._maybe_break("list_tasks")
+        with self._lock:
+            return [copy.deepcopy(t) for t in self.tasks.values()
+                    if not operation or t["operation"] == operation]
+
+    def cancel_task(self, task_id: str) -> None:
+        self._maybe_break("cancel_task")
+        with self._lock:
+            task = self.tasks.get(task_id)
+            if task is None or task["state"] in TERMINAL:
+                raise TaskNotFound(f"task {task_id!r} not found or already finished")
+            if task["cancelRequested"]:
+                return
+            task["cancelRequested"] = True
+            if task["state"] == "NEW":
+                self.set_state(task_id, "CANCELED")
+            else:
+                self._touch(task)
+                self._emit("PATCH", task)
+            if self.purge_at_once:
+                self.purge(task_id)
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        key = next(self._keys)
+        with self._lock:
+            self._subscribers[key] = callback
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers.pop(key, None)
+
+        return unsubscribe
+
+    def registered_operations(self) -> list[str]:
+        return sorted(self.validators)
+
+    def counts(self) -> dict[str, int]:
+        self._maybe_break("counts")
+        with self._lock:
+            counts = dict.fromkeys(["NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED",
+                                    "SUCCEEDED"], 0)
+            for task in self.tasks.values():
+                counts[task["state"]] += 1
+            counts["total"] = len(self.tasks)
+            return counts
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    # -- test controls --------------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many subscribers are registered."""
+        return len(self._subscribers)
+
+    def set_state(self, task_id: str, state: str, message: str | None = None) -> None:
+        """Move a task to ``state`` (as its child would), publishing a PATCH."""
+        with self._lock:
+            task = self.tasks[task_id]
+            if message:
+                task["messages"].append({"time": _now(), "message": message})
+            task["messages"].append(
+                {"time": _now(), "message": f"State change {task['state']} ⇒ {state}"})
+            task["state"] = state
+            if state == "SUCCEEDED":
+                task["result"] = {"ok": True}
+            self._touch(task)
+            self._emit("PATCH", task)
+
+    def purge(self, task_id: str) -> None:
+        """Remove a task from the table, publishing a DELETE."""
+        with self._lock:
+            task = self.tasks.pop(task_id)
+            self._emit("DELETE", task)
+
+    def drop_subscribers(self) -> None:
+        """Give every subscriber the manager's last event for a subscriber that fell behind."""
+        with self._lock:
+            subscribers = list(self._subscribers.values())
+            self._subscribers.clear()
+        for callback in subscribers:
+            callback({"method": "DROPPED", "uri": "/tasks", "scope": {}, "task": None})
+
+    def _touch(self, task: dict[str, Any]) -> None:
+        task["meta"]["version"] += 1
+        task["meta"]["timeModified"] = _now()
+
+    def _emit(self, method: str, task: dict[str, Any]) -> None:
+        task_id = task["meta"]["id"]
+        scope: dict[str, Any] = {"operation": task["operation"], "state": task["state"]}
+        if method == "POST":
+            scope["meta.id"] = task_id
+        event = {"method": method, "uri": "/tasks" if method == "POST" else f"/tasks/{task_id}",
+                 "scope": scope, "task": copy.deepcopy(task)}
+        for callback in list(self._subscribers.values()):
+            callback(event)
+
+    def _maybe_break(self, method: str) -> None:
+        if method in self.broken:
+            raise self.broken[method]
+
+
+class DummyAccessControl:
+    """Access control from a table: token -> (subject, {action: operations})."""
+
+    def __init__(self, grants: dict[str, dict[str, set[str]]]) -> None:
+        self.grants = grants  #: token (also the subject's name) -> action -> operations
+
+    def authenticate(self, req: Any) -> str | None:
+        header = req.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or token not in self.grants:
+            return None
+        return token
+
+    def _can(self, subject: str, action: str, operation: str) -> bool:
+        allowed = self.grants[subject].get(action, set())
+        return "*" in allowed or operation in allowed
+
+    def can_view(self, subject: str, operation: str) -> bool:
+        return self._can(subject, "view", operation)
+
+    def can_create(self, subject: str, operation: str) -> bool:
+        return self._can(subject, "create", operation)
+
+    def can_cancel(self, subject: str, operation: str) -> bool:
+        return self._can(subject, "cancel", operation)
+
+
+def register_misbehaving(manager: Any) -> None:
+    """Register two of the manager tests' animators; for ``serve --animators fakes:...``.
+
+    ``STUBBORN`` ignores cancel and SIGTERM (only the kill after the grace ends
+    it); ``FORKER`` starts subprocesses of its own.
+    """
+    import animators
+
+    manager.register_animator("STUBBORN", animators.Stubborn())
+    manager.register_animator("FORKER", animators.Forker())
