@@ -1,34 +1,218 @@
-"""Trivial work for the benchmarks, importable by every child process.
+"""The work of the benchmarks, importable by every child process.
 
-Each approach runs the same nothing: the cost measured is that of isolating
-a task in a process of its own, not of the task.
+Animators for housekeeping and plain functions for its peers do the same
+thing, so that what is measured is the cost of isolating, starting, stopping
+and hearing from a process, not the work. Keep this module light: task
+processes and forkserver children import it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from supervisor.animator import Animator
+from supervisor.states import TaskState
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from workers.ops import TaskOps
 
+#: Upper bound of every wait in a benchmark child: nothing outlives a run by much.
+CHILD_LIFETIME = 60.0
+#: How often the cooperative animators look at ``is_canceled()``.
+POLL = 0.01
+#: Environment variable read by :func:`register_filled` (tasks to pre-fill).
+FILL_ENV = "HOUSEKEEPING_BENCH_FILL"
+
+
+def _args(ops: TaskOps) -> dict[str, Any]:
+    return ops.task.get("args") or {}
+
+
+def _linger() -> None:
+    """End a descendant: sleep (bounded), then exit without cleanup."""
+    time.sleep(CHILD_LIFETIME)
+    os._exit(0)
+
+
+def spawn_descendants() -> list[int]:
+    """Fork 3 sleeping descendants: two children and a grandchild below the second."""
+    read, write = os.pipe()
+    pids: list[int] = []
+    for with_grandchild in (False, True):
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if with_grandchild:
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os.close(write)
+                    _linger()
+                os.write(write, str(grandchild).encode())
+            os.close(write)
+            _linger()
+        pids.append(pid)
+    os.close(write)
+    pids.append(int(os.read(read, 32)))
+    os.close(read)
+    return pids
+
+
+# -- housekeeping animators ---------------------------------------------------------
+
 
 class Noop(Animator):
-    """An animator whose ``execute`` returns at once (operation ``NOOP``)."""
+    """Return ``None`` at once (operation ``NOOP``)."""
 
     def execute(self, ops: TaskOps) -> Any:
-        """Return ``None`` at once."""
+        """Do nothing."""
         return None
+
+
+class Cooperative(Animator):
+    """Say "running", then poll ``is_canceled()`` every 10 ms until canceled."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Wait for the cancel and honour it."""
+        ops.message("running")
+        deadline = time.monotonic() + CHILD_LIFETIME
+        while time.monotonic() < deadline:
+            if ops.is_canceled():
+                ops.set_state(TaskState.CANCELED)
+            time.sleep(POLL)
+        return "not canceled"
+
+
+class Stubborn(Animator):
+    """Ignore SIGTERM and every cancel; say "running" and sleep until killed."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Sleep through everything but SIGKILL."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ops.message("running")
+        time.sleep(CHILD_LIFETIME)
+        return "not killed"
+
+
+class Tree(Animator):
+    """Start 3 descendants (4 processes in all), say "running", ignore the cancel."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Sleep, with descendants, until the tree is killed."""
+        pids = spawn_descendants()
+        ops.message("running " + " ".join(map(str, pids)))
+        time.sleep(CHILD_LIFETIME)
+        return "not killed"
+
+
+class Flood(Animator):
+    """Call ``set_progress`` ``args.n`` times in a hot loop, then linger.
+
+    The last call reports ``transferred_bytes=n``; lingering ``args.linger``
+    seconds lets that last value reach the parent the way a value left pending
+    by a loop that went quiet does, not with the final report.
+    """
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Flood, then return the loop's wall and CPU time and when it ended."""
+        n = int(_args(ops)["n"])
+        wall, cpu = time.monotonic(), time.process_time()
+        for i in range(1, n + 1):
+            ops.set_progress(percent_complete=i * 100 // n, transferred_bytes=i)
+        last = time.monotonic()
+        wall, cpu = last - wall, time.process_time() - cpu
+        time.sleep(float(_args(ops).get("linger", 0.5)))
+        return {"wall": wall, "cpu": cpu, "last_call": last}
+
+
+def register(manager: Any) -> None:
+    """Register the benchmark animators (``--animators benchmarks.animators:register``)."""
+    manager.register_animator("NOOP", Noop())
+    manager.register_animator("HOLD", Cooperative())
+    manager.register_animator("STUBBORN", Stubborn())
+    manager.register_animator("TREE", Tree())
+    manager.register_animator("FLOOD", Flood())
+
+
+def register_filled(manager: Any) -> None:
+    """Register, then put ``$HOUSEKEEPING_BENCH_FILL`` finished tasks in the table."""
+    from benchmarks.common import fill_table
+
+    register(manager)
+    fill_table(manager, int(os.environ.get(FILL_ENV, "0")))
+
+
+# -- plain functions for the peers ------------------------------------------------
+
+
+def noop() -> None:
+    """Return at once: a pool job."""
+
+
+def started() -> float:
+    """Return when the job started (CLOCK_MONOTONIC, comparable across processes)."""
+    return time.monotonic()
 
 
 def report(conn: Connection) -> None:
     """Send one message up the pipe and end: a bare process's whole task."""
-    conn.send_bytes(b"done")
+    conn.send_bytes(b"started")
     conn.close()
 
 
-def noop() -> None:
-    """Return at once: a ProcessPoolExecutor job."""
+def _announce(path: str, pids: list[int]) -> None:
+    """Write ``pids`` to ``path`` atomically: the parent polls for the file."""
+    with open(path + ".tmp", "w", encoding="ascii") as out:
+        out.write(" ".join(map(str, pids)))
+    os.replace(path + ".tmp", path)
+
+
+def sleep_job(path: str) -> str:
+    """Announce this process, then sleep: a running job to cancel."""
+    _announce(path, [os.getpid()])
+    time.sleep(CHILD_LIFETIME)
+    return "not canceled"
+
+
+def tree_job(path: str) -> str:
+    """Start 3 descendants, announce all 4 pids, then sleep."""
+    _announce(path, [os.getpid(), *spawn_descendants()])
+    time.sleep(CHILD_LIFETIME)
+    return "not canceled"
+
+
+def tree_process(conn: Connection) -> None:
+    """A bare process: own process group, 3 descendants, pids up the pipe, sleep."""
+    os.setpgid(0, 0)
+    conn.send([os.getpid(), *spawn_descendants()])
+    conn.close()
+    time.sleep(CHILD_LIFETIME)
+
+
+def flood_pipe(conn: Connection, n: int) -> None:
+    """Send every one of ``n`` progress values up a pipe: the naive way."""
+    wall, cpu = time.monotonic(), time.process_time()
+    for i in range(1, n + 1):
+        conn.send((i * 100 // n, i))
+    last = time.monotonic()
+    conn.send(("done", last - wall, time.process_time() - cpu, last))
+    conn.close()
+
+
+def flood_nothing(conn: Connection, n: int) -> None:
+    """The same loop reporting nothing: the floor of the child's time."""
+    def set_progress(*, percent_complete: int, transferred_bytes: int) -> None:
+        pass
+
+    wall, cpu = time.monotonic(), time.process_time()
+    for i in range(1, n + 1):
+        set_progress(percent_complete=i * 100 // n, transferred_bytes=i)
+    last = time.monotonic()
+    conn.send(("done", last - wall, time.process_time() - cpu, last))
+    conn.close()
