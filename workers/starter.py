@@ -196,8 +196,6 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
     if isinstance(message, Spawn):
         for fd in fds:
             starter.spawn(fd)
-        gc.collect()
-        gc.freeze()
     elif isinstance(message, Preload):
         if message.sys_path:
             sys.path[:] = list(message.sys_path)
@@ -206,6 +204,10 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
                 importlib.import_module(name)
             except BaseException:  # a bad module fails its own tasks, not the starter
                 pass
+        # NOTE: move what the imports made out of the collector's sight, so
+        # that forks do not copy pages when a collection touches them.
+        gc.collect()
+        gc.freeze()
     elif isinstance(message, Stop):
         return False
     return True
