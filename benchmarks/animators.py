@@ -75,6 +75,14 @@ class Noop(Animator):
         return None
 
 
+class Started(Animator):
+    """Return when ``execute`` began (CLOCK_MONOTONIC, comparable across processes)."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Return the time at once."""
+        return time.monotonic()
+
+
 class Cooperative(Animator):
     """Say "running", then poll ``is_canceled()`` every 10 ms until canceled."""
 
@@ -134,6 +142,7 @@ class Flood(Animator):
 def register(manager: Any) -> None:
     """Register the benchmark animators (``--animators benchmarks.animators:register``)."""
     manager.register_animator("NOOP", Noop())
+    manager.register_animator("STARTED", Started())
     manager.register_animator("HOLD", Cooperative())
     manager.register_animator("STUBBORN", Stubborn())
     manager.register_animator("TREE", Tree())

@@ -148,7 +148,11 @@ class Manager:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
-        self._loop_thread.run(self._boot())
+        try:
+            self._loop_thread.run(self._boot())
+        except BaseException:
+            self._loop_thread.stop()
+            raise
 
     # -- public API ---------------------------------------------------------
 
