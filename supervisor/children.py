@@ -166,15 +166,15 @@ class ChildProcess:
         payload = encode(message)
         self.sock.sendall(_HEADER.pack(len(payload)) + payload)
 
-    def read_frames(self) -> tuple[list[object], str]:
-        """Read one chunk without blocking; return (messages, what the read saw).
+    def read_frames(self) -> tuple[list[object], str, ProtocolError | None]:
+        """Read one chunk without blocking.
 
-        What the read saw is ``DATA``, ``EMPTY`` (nothing there now) or ``EOF``.
-        A caller draining the pipe stops at EMPTY too: a grandchild holding a
-        copy of the pipe open must not keep it waiting for an EOF.
-
-        Raises:
-            ProtocolError: a frame is malformed or too long.
+        Returns:
+            The whole messages read, what the read saw (``DATA``, ``EMPTY`` --
+            nothing there now -- or ``EOF``), and the protocol error that ended
+            the parse, if any (the messages before it still count). A caller
+            draining the pipe stops at EMPTY too: a grandchild holding a copy
+            of the pipe open must not keep it waiting for an EOF.
         """
         seen = DATA
         try:
@@ -187,16 +187,20 @@ class ChildProcess:
         except OSError:
             seen = EOF
         messages: list[object] = []
-        while len(self.buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self.buffer)
-            if size < 0 or size > MAX_MESSAGE_BYTES:
-                raise ProtocolError(f"bad frame length {size}")
-            if len(self.buffer) < _HEADER.size + size:
-                break
-            payload = bytes(self.buffer[_HEADER.size:_HEADER.size + size])
-            del self.buffer[:_HEADER.size + size]
-            messages.append(decode(payload))
-        return messages, seen
+        try:
+            while len(self.buffer) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(self.buffer)
+                if size < 0 or size > MAX_MESSAGE_BYTES:
+                    raise ProtocolError(f"bad frame length {size}")
+                if len(self.buffer) < _HEADER.size + size:
+                    break
+                payload = bytes(self.buffer[_HEADER.size:_HEADER.size + size])
+                del self.buffer[:_HEADER.size + size]
+                messages.append(decode(payload))
+        except ProtocolError as exc:
+            self.buffer.clear()
+            return messages, seen, exc
+        return messages, seen, None
 
     def close(self) -> None:
         """Close the pipe and the pidfd; cancel timers."""

@@ -453,18 +453,23 @@ class Manager:
                 log.info("task %s started in process %s", task_id, child.pid)
         self._replenish()
 
-    def _on_child_readable(self, child: ChildProcess) -> None:
-        try:
-            messages, seen = child.read_frames()
-        except ProtocolError as exc:
-            self._protocol_violation(child, str(exc))
-            return
+    def _read(self, child: ChildProcess) -> str:
+        """Read one chunk of a task pipe, handle its messages; return what the read saw."""
+        messages, seen, error = child.read_frames()
         for message in messages:
             self._handle(child, message)
-        if seen == EOF:
+        if error is not None:
+            self._protocol_violation(child, str(error))
+            return EOF
+        return seen
+
+    def _on_child_readable(self, child: ChildProcess) -> None:
+        if self._read(child) == EOF:
             self._stop_reading(child)
 
     def _stop_reading(self, child: ChildProcess) -> None:
+        if not child.reading:
+            return
         child.reading = False
         try:
             asyncio.get_running_loop().remove_reader(child.sock.fileno())
@@ -535,15 +540,8 @@ class Manager:
         assert child.pidfd is not None
         loop.remove_reader(child.pidfd)
         child.exited = True
-        try:
-            while child.reading:
-                messages, seen = child.read_frames()
-                for message in messages:
-                    self._handle(child, message)
-                if seen != DATA:
-                    break
-        except ProtocolError as exc:
-            self._protocol_violation(child, str(exc))
+        while child.reading and self._read(child) == DATA:
+            pass
         self._stop_reading(child)
         self._maybe_finish(child)
 
