@@ -8,7 +8,10 @@ Routes (``{id}`` is a task id)::
     POST /api/v1/tasks/{id}/cancel  TaskCancel
     GET  /api/v1/task-events        TaskEvents       SSE (rest.stream)
     GET  /api/v1/openapi.json       OpenApiDocument
+    GET  /api/v1/operations         Operations       what the caller may create
     GET  /healthz                   Health           no authentication
+    GET  /, /ui/, /ui/{name}        DashboardFiles   if options.dashboard (rest.dashboard)
+    GET  /metrics                   MetricsEndpoint  if options.metrics (rest.metrics)
 
 The supervisor's errors map to statuses in :data:`DOMAIN_ERRORS`; the REST
 layer's own checks raise :class:`rest.errors.ApiError`. Both render as
@@ -26,6 +29,7 @@ import falcon
 from rest.auth import Guard
 from rest.errors import ApiError, serialize_error
 from rest.openapi import OpenApiDocument
+from rest.operations import Operations
 from rest.resources import API_PREFIX, Health, TaskCancel, TaskCollection, TaskItem
 from rest.stream import EventStreams, TaskEvents
 from supervisor import (
@@ -39,6 +43,7 @@ from supervisor import (
 
 if TYPE_CHECKING:
     from rest.auth import AccessControl
+    from rest.metrics import TaskMetrics
     from rest.resources import TaskManager
 
 log = logging.getLogger("housekeeping.rest")
@@ -72,6 +77,13 @@ class RestOptions:
     keepalive: float = 15.0
     #: Path of the health check, or ``None`` not to route one (e.g. the host app has its own).
     health_path: str | None = "/healthz"
+    # -- dashboard and metrics (issue 6) --
+    #: Serve the dashboard page at ``/`` and ``/ui/`` (``housekeeping serve`` does).
+    dashboard: bool = False
+    #: Serve Prometheus metrics at ``/metrics`` (``housekeeping serve`` does).
+    metrics: bool = False
+    #: Bearer token that ``/metrics`` requires; ``None``: scrapes need no authentication.
+    metrics_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +92,13 @@ class Handlers:
 
     manager: TaskManager
     streams: EventStreams
+    metrics: TaskMetrics | None = None
 
     def close(self) -> None:
-        """End every open event stream and refuse new ones."""
+        """End every open event stream and refuse new ones; stop the metrics."""
         self.streams.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def create_app(
@@ -149,8 +164,21 @@ def register_handlers(
     app.add_route(f"{API_PREFIX}/openapi.json", OpenApiDocument(auth=guard.enabled))
     if options.health_path:
         app.add_route(options.health_path, Health(manager, lambda: streams.count))
+    # -- operations, dashboard and metrics (issue 6) --
+    app.add_route(f"{API_PREFIX}/operations", Operations(manager, guard))
+    if options.dashboard:
+        from rest.dashboard import add_dashboard_routes
+
+        add_dashboard_routes(app)
+    metrics = None
+    if options.metrics:
+        from rest.metrics import MetricsEndpoint, TaskMetrics
+
+        metrics = TaskMetrics(manager, open_streams=lambda: streams.count)
+        app.add_route("/metrics", MetricsEndpoint(metrics, options.metrics_token))
+    # -- end of issue 6 --
     app.add_error_handler(tuple(DOMAIN_ERRORS), _domain_error)
-    return Handlers(manager, streams)
+    return Handlers(manager, streams, metrics)
 
 
 def handlers_of(app: falcon.App[Any, Any]) -> Handlers | None:

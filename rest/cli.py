@@ -1,4 +1,5 @@
-"""The ``housekeeping`` command: ``serve`` the REST API, ``hash-token`` for token files."""
+"""The ``housekeeping`` command: ``serve`` the REST API, ``hash-token`` for token files,
+``tasks`` to use a running server (:mod:`rest.client`)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "hash-token":
             return hash_token_command(args, sys.stdin, sys.stdout)
+        if args.command == "tasks":  # the REST client (rest.client), issue 6
+            from rest.client import run_tasks_command
+
+            return run_tasks_command(args)
     except CommandError as exc:
         print(f"housekeeping: {exc}", file=sys.stderr)
         return exc.code
@@ -97,16 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="waitress request threads (default: %(default)s)")
     add("--max-streams", type=_positive, default=None, metavar="N",
         help="event streams open at once, each holding a thread (default: threads / 2)")
+    add("--channel-timeout", type=_positive, default=120, metavar="S",
+        help="close a connection idle, or taking none of its answer, for S seconds "
+             "(default: %(default)s)")
     add("--log-level", default="INFO", type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
     add("--insecure", action="store_true",
         help="allow a non-loopback --host without --tokens (anyone may run tasks)")
     add("--no-demo", action="store_true", help="do not register the SLEEP and HASH demo animators")
+    add("--metrics-token", metavar="TOKEN", default=os.environ.get("HOUSEKEEPING_METRICS_TOKEN"),
+        help="bearer token that /metrics requires (default: $HOUSEKEEPING_METRICS_TOKEN; "
+             "without one, /metrics needs no authentication)")
     token_parser = commands.add_parser(
         "hash-token", help="print the SHA-256 digest of a token (read from stdin) for --tokens"
     )
     token_parser.add_argument("--generate", action="store_true",
                               help="make a new random token and print it with its digest")
+    from rest.client import add_tasks_parser  # issue 6: the REST client
+
+    add_tasks_parser(commands)
     return parser
 
 
@@ -144,10 +158,14 @@ def serve(args: argparse.Namespace) -> int:
                 ) from None
         app = falcon.App(middleware=[AccessLog()])
         install_error_handling(app)
-        options = RestOptions(max_streams=args.max_streams or max(1, args.threads // 2))
+        options = RestOptions(
+            max_streams=args.max_streams or max(1, args.threads // 2),
+            dashboard=True, metrics=True, metrics_token=args.metrics_token or None,
+        )
         handlers = register_handlers(app, manager, access_control, options=options)
         try:
-            server = Server(app, host=args.host, port=args.port, threads=args.threads, stop=stop)
+            server = Server(app, host=args.host, port=args.port, threads=args.threads, stop=stop,
+                            channel_timeout=args.channel_timeout)
         except OSError as exc:
             raise CommandError(
                 RET_BIND, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"

@@ -61,7 +61,7 @@ _TASK_ID: Schema = {
     "in": "path",
     "required": True,
     "description": "The task's meta.id.",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": f"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$"},
 }
 
 _SCHEMAS: dict[str, Schema] = {
@@ -76,7 +76,7 @@ _SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "required": ["id", "objType", "version", "timeCreated", "timeModified"],
         "properties": {
-            "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+            "id": {"type": "string", "pattern": f"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$"},
             "objType": {"const": "Task"},
             "version": {"type": "integer", "minimum": 1},
             "timeCreated": _TIME,
@@ -264,6 +264,14 @@ def build_document(*, auth: bool) -> dict[str, Any]:
                 {"200": {"description": events,
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
                 ["401", "503"], parameters=[_OPERATION_FILTER]),
+        },
+        f"{API_PREFIX}/operations": {
+            "get": operation(
+                "listOperations",
+                "List the registered operations the caller may create tasks of (sorted).",
+                {"200": {"description": "Operation names, e.g. [\"HASH\", \"SLEEP\"].",
+                         "content": _json({"type": "array", "items": {"type": "string"}})}},
+                ["401"]),
         },
         f"{API_PREFIX}/openapi.json": {
             "get": operation(

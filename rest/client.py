@@ -1,0 +1,534 @@
+"""``housekeeping tasks ...``: a command-line client of the REST API (httpx, rich).
+
+Commands::
+
+    tasks list [--operation OP] [--state S] [--json]
+    tasks get ID [--json]
+    tasks create OP [--object-id X] [--args JSON] [--wait] [--json]
+    tasks cancel ID [--json]
+    tasks watch [ID ...] [--operation OP]
+
+The server and the token come from ``--url`` / ``--token`` or the
+``HOUSEKEEPING_URL`` / ``HOUSEKEEPING_TOKEN`` environment variables. Following
+tasks (``watch``, ``create --wait``) reads the event stream; when the stream
+breaks, the client reconnects and re-reads the tasks it follows (the server
+keeps no event history, so there is no ``Last-Event-ID`` to resume from), and
+merges what it gets by ``meta.version``. Every failure ends with one line on
+stderr and one of the ``RET_*`` codes, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Exit codes of `housekeeping tasks`.
+RET_OK = 0  # Done; a waited-for task SUCCEEDED.
+RET_TASK_FAILED = 1  # A waited-for task ended FAILED.
+RET_TASK_CANCELED = 2  # A waited-for task ended CANCELED (argparse also uses 2 for bad usage).
+RET_CONNECTION = 8  # The server cannot be reached, or the connection broke and did not come back.
+RET_AUTH = 9  # The server refused the credentials (401) or the action (403).
+RET_API = 10  # The server answered another error (404 unknown task, 400, 409, 429, ...).
+RET_INTERRUPTED = 130  # Stopped with Ctrl-C.
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+# NOTE: rest.resources.API_PREFIX, not imported: that would import the supervisor
+# package, which `housekeeping` must be able to start without (see rest.cli).
+API_PREFIX = "/api/v1"
+STATES = ("NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED")
+TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
+_OUTCOME_CODES = {"SUCCEEDED": RET_OK, "FAILED": RET_TASK_FAILED, "CANCELED": RET_TASK_CANCELED}
+
+#: Seconds the client keeps trying to get a broken event stream back.
+RECONNECT_FOR = 30.0
+#: Pauses between reconnection attempts, in seconds (the last one repeats).
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 3.0)
+
+Task = dict[str, Any]
+Event = dict[str, Any]
+#: What :meth:`ApiClient.events` yields once the stream is open, before any event.
+OPENED: Event = {"method": "OPENED"}
+
+
+class ClientError(Exception):
+    """Raised to end a client command with a one-line message and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ApiClient:
+    """The REST API over httpx; every failure becomes a :class:`ClientError`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """Talk to the server at ``url`` (``transport``: a test shim)."""
+        headers = {"Accept": "application/json", "User-Agent": "housekeeping-cli"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.url = url.rstrip("/")
+        self._timeout = timeout
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request and return the JSON answer.
+
+        Raises:
+            ClientError: the server is unreachable, or answered an error.
+        """
+        try:
+            response = self._http.request(method, API_PREFIX + path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._connection_error(exc) from None
+        if response.is_error:
+            raise self._http_error(response)
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                RET_API, f"{self.url} answered {response.status_code} but not with JSON "
+                "(is it a housekeeping server?)") from None
+
+    def list_tasks(self, operation: str | None = None) -> list[Task]:
+        """``GET /tasks``."""
+        params = {"operation": operation} if operation else None
+        return list(self.request("GET", "/tasks", params=params))
+
+    def get_task(self, task_id: str) -> Task:
+        """``GET /tasks/{id}``."""
+        return dict(self.request("GET", f"/tasks/{_quote(task_id)}"))
+
+    def create_task(self, body: dict[str, Any]) -> Task:
+        """``POST /tasks``."""
+        return dict(self.request("POST", "/tasks", json=body))
+
+    def cancel_task(self, task_id: str) -> Task:
+        """``POST /tasks/{id}/cancel``."""
+        return dict(self.request("POST", f"/tasks/{_quote(task_id)}/cancel"))
+
+    def events(self, operation: str | None = None) -> Generator[Event, None, None]:
+        """Yield :data:`OPENED`, then each event of ``/task-events`` until the stream ends.
+
+        Raises:
+            ClientError: the stream could not be opened, or broke (``RET_CONNECTION``).
+        """
+        params = {"operation": operation} if operation else None
+        # NOTE: the server sends a keep-alive comment every 15 s; a read that waits
+        # much longer than that means the connection is dead.
+        timeout = httpx.Timeout(self._timeout, read=max(self._timeout, 45.0))
+        try:
+            with self._http.stream(
+                "GET", API_PREFIX + "/task-events", params=params, timeout=timeout,
+                headers={"Accept": "text/event-stream"},
+            ) as response:
+                if response.is_error:
+                    response.read()
+                    raise self._http_error(response)
+                yield OPENED
+                yield from parse_sse(response.iter_lines())
+        except httpx.HTTPError as exc:
+            raise self._connection_error(exc) from None
+
+    def _connection_error(self, exc: httpx.HTTPError) -> ClientError:
+        detail = str(exc) or type(exc).__name__
+        return ClientError(RET_CONNECTION, f"cannot reach {self.url}: {detail}")
+
+    def _http_error(self, response: httpx.Response) -> ClientError:
+        try:
+            message = str(response.json()["message"])
+        except (ValueError, KeyError, TypeError):
+            message = response.reason_phrase or "error"
+        status = response.status_code
+        if status == 401:
+            return ClientError(
+                RET_AUTH, f"401 unauthorized: {message} (give --token or set HOUSEKEEPING_TOKEN)")
+        if status == 403:
+            return ClientError(RET_AUTH, f"403 forbidden: {message}")
+        return ClientError(RET_API, f"{status}: {message}")
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Turn ``text/event-stream`` lines into events (``data`` parsed as JSON)."""
+    name = ""
+    data: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line:
+            if data:
+                try:
+                    event = json.loads("\n".join(data))
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    event.setdefault("method", name)
+                    yield event
+            name, data = "", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+
+
+class Follower:
+    """A view of some tasks (or all), kept current from the event stream.
+
+    Open the stream, then (re)read the tasks, then apply events; each copy of a
+    task replaces the one held only if its ``meta.version`` is newer, so the
+    order in which the list and the events arrive does not matter.
+    """
+
+    def __init__(
+        self,
+        api: ApiClient,
+        ids: list[str] | None = None,
+        *,
+        operation: str | None = None,
+        on_change: Callable[[Task], None] = lambda task: None,
+        on_delete: Callable[[str], None] = lambda task_id: None,
+        reconnect_for: float = RECONNECT_FOR,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Follow ``ids`` (``None``: every task, optionally of ``operation``).
+
+        ``sleep`` and ``clock`` are test shims.
+        """
+        self.api = api
+        self.ids = list(dict.fromkeys(ids)) if ids else None
+        self.operation = operation
+        self.tasks: dict[str, Task] = {}
+        self.connections = 0
+        self._on_change = on_change
+        self._on_delete = on_delete
+        self._reconnect_for = reconnect_for
+        self._sleep = sleep
+        self._clock = clock
+
+    def done(self) -> bool:
+        """Tell whether every followed id reached a terminal state (never, for "all")."""
+        return self.ids is not None and all(
+            self.tasks.get(task_id, {}).get("state") in TERMINAL for task_id in self.ids)
+
+    def run(self) -> None:
+        """Follow until :meth:`done` (forever for "all"), reconnecting when the stream breaks.
+
+        Raises:
+            ClientError: the first connection failed, a followed task does not
+                exist, the credentials are refused, or the stream stayed broken
+                for ``reconnect_for`` seconds.
+        """
+        attempt = 0
+        broken_since: float | None = None
+        while True:
+            stream = self.api.events(self.operation)
+            try:
+                for event in stream:
+                    if event is OPENED:
+                        self.connections += 1
+                        attempt, broken_since = 0, None
+                        self._reread()
+                    elif event.get("method") == "DROPPED":
+                        break  # NOTE: it fell behind and lost events: reconnect, re-read
+                    else:
+                        self._apply(event)
+                    if self.done():
+                        return
+            except ClientError as exc:
+                if exc.code != RET_CONNECTION or self.connections == 0:
+                    raise  # NOTE: never connected: nothing to resume, say so at once
+                last_error = str(exc)
+            else:
+                last_error = "the event stream ended"
+            finally:
+                stream.close()  # NOTE: closes the connection now, not when collected
+            now = self._clock()
+            broken_since = broken_since if broken_since is not None else now
+            if now - broken_since >= self._reconnect_for:
+                raise ClientError(
+                    RET_CONNECTION,
+                    f"{last_error}; gave up reconnecting after {self._reconnect_for:g} s")
+            self._sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            attempt += 1
+
+    def _reread(self) -> None:
+        if self.ids is None:
+            listed = self.api.list_tasks(self.operation)
+            for task in listed:
+                self._merge(task)
+            current = {task["meta"]["id"] for task in listed}
+            for task_id in [t for t in self.tasks if t not in current]:
+                self._forget(task_id)
+            return
+        for task_id in self.ids:
+            if self.tasks.get(task_id, {}).get("state") in TERMINAL:
+                continue
+            try:
+                self._merge(self.api.get_task(task_id))
+            except ClientError as exc:
+                if exc.code == RET_API and exc.args[0].startswith("404") and task_id in self.tasks:
+                    raise ClientError(
+                        RET_API, f"task {task_id} was purged before its outcome was seen"
+                    ) from None
+                if exc.code == RET_API and exc.args[0].startswith("404"):
+                    raise ClientError(RET_API, f"task {task_id} not found") from None
+                raise
+
+    def _apply(self, event: Event) -> None:
+        task = event.get("task")
+        if not isinstance(task, dict):
+            return
+        task_id = str(task.get("meta", {}).get("id"))
+        if self.ids is not None and task_id not in self.ids:
+            return
+        if event.get("method") == "DELETE":
+            if self.ids is None:
+                self._forget(task_id)
+            return
+        self._merge(task)
+
+    def _merge(self, task: Task) -> None:
+        task_id = str(task["meta"]["id"])
+        known = self.tasks.get(task_id)
+        if known is not None and known["meta"]["version"] >= task["meta"]["version"]:
+            return
+        self.tasks[task_id] = task
+        self._on_change(task)
+
+    def _forget(self, task_id: str) -> None:
+        if self.tasks.pop(task_id, None) is not None:
+            self._on_delete(task_id)
+
+
+def outcome_code(tasks: list[Task]) -> int:
+    """The exit code for finished tasks: 1 if any FAILED, else 2 if any CANCELED, else 0."""
+    codes = {_OUTCOME_CODES.get(str(task.get("state")), RET_API) for task in tasks}
+    for code in (RET_API, RET_TASK_FAILED, RET_TASK_CANCELED):
+        if code in codes:
+            return code
+    return RET_OK
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def add_tasks_parser(commands: Any) -> None:
+    """Add ``tasks`` and its subcommands to the ``housekeeping`` subparsers ``commands``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", default=os.environ.get("HOUSEKEEPING_URL") or DEFAULT_URL,
+        help="server URL (default: $HOUSEKEEPING_URL or %(default)s)")
+    common.add_argument(
+        "--token", default=os.environ.get("HOUSEKEEPING_TOKEN") or None,
+        help="bearer token (default: $HOUSEKEEPING_TOKEN; the variable keeps it out of ps)")
+    common.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for an answer (default: %(default)s)")
+    tasks = commands.add_parser(
+        "tasks", help="list, create, cancel and watch tasks of a running server")
+    sub = tasks.add_subparsers(dest="tasks_command", metavar="COMMAND", required=True)
+    show_json = {"action": "store_true", "help": "print the API's JSON instead of a table"}
+
+    listing = sub.add_parser("list", parents=[common], help="list tasks")
+    listing.add_argument("--operation", metavar="OP", help="only tasks of this operation")
+    listing.add_argument("--state", choices=STATES, type=str.upper, help="only tasks in S")
+    listing.add_argument("--json", **show_json)
+
+    get = sub.add_parser("get", parents=[common], help="show one task")
+    get.add_argument("id")
+    get.add_argument("--json", **show_json)
+
+    create = sub.add_parser("create", parents=[common], help="create a task")
+    create.add_argument("operation", metavar="OP")
+    create.add_argument("--object-id", metavar="X")
+    create.add_argument("--args", metavar="JSON", help='arguments object, e.g. \'{"seconds": 5}\'')
+    create.add_argument("--wait", action="store_true",
+                        help="follow it with a progress bar; exit 0 SUCCEEDED, 1 FAILED, "
+                             "2 CANCELED")
+    create.add_argument("--json", **show_json)
+
+    cancel = sub.add_parser("cancel", parents=[common], help="ask a task to stop")
+    cancel.add_argument("id")
+    cancel.add_argument("--json", **show_json)
+
+    watch = sub.add_parser(
+        "watch", parents=[common],
+        help="live progress bars of the given tasks (until they end) or of all tasks")
+    watch.add_argument("ids", nargs="*", metavar="ID")
+    watch.add_argument("--operation", metavar="OP", help="without IDs: only this operation")
+
+
+def run_tasks_command(
+    args: argparse.Namespace,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    console: Console | None = None,
+    err: Any = None,
+) -> int:
+    """Run one ``housekeeping tasks`` subcommand and return its exit code.
+
+    Args:
+        args: the parsed command line.
+        transport: test shim: an httpx transport (e.g. over a WSGI app).
+        console: where tables and bars go (default: stdout).
+        err: where the one-line error goes (default: stderr).
+    """
+    from rich.console import Console
+
+    err = err if err is not None else sys.stderr
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = 200  # NOTE: piped output: do not cut the table to 80 columns
+    api = ApiClient(args.url, args.token, timeout=args.timeout, transport=transport)
+    try:
+        return _COMMANDS[args.tasks_command](api, args, console)
+    except ClientError as exc:
+        print(f"housekeeping: {exc}", file=err)
+        return exc.code
+    except KeyboardInterrupt:
+        print("housekeeping: interrupted", file=err)
+        return RET_INTERRUPTED
+    finally:
+        api.close()
+
+
+def _print_json(console: Console, value: Any) -> None:
+    # NOTE: json.dumps escapes control characters, so this is safe for a terminal.
+    console.file.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    console.file.flush()
+
+
+def _list(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    tasks = api.list_tasks(args.operation)
+    if args.state:
+        tasks = [task for task in tasks if task.get("state") == args.state]
+    if args.json:
+        _print_json(console, tasks)
+    elif tasks:
+        from rest.client_render import tasks_table
+
+        console.print(tasks_table(tasks))
+    else:
+        console.print("no tasks")
+    return RET_OK
+
+
+def _get(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    task = api.get_task(args.id)
+    if args.json:
+        _print_json(console, task)
+    else:
+        from rest.client_render import task_details
+
+        console.print(task_details(task))
+    return RET_OK
+
+
+def _create(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    body: dict[str, Any] = {"operation": args.operation}
+    if args.object_id is not None:
+        body["objectId"] = args.object_id
+    if args.args is not None:
+        try:
+            body["args"] = json.loads(args.args)
+        except ValueError as exc:
+            raise ClientError(RET_API, f"--args is not valid JSON: {exc}") from None
+        if not isinstance(body["args"], dict):
+            raise ClientError(RET_API, "--args must be a JSON object, e.g. '{\"seconds\": 5}'")
+    task = api.create_task(body)
+    task_id = str(task["meta"]["id"])
+    if not args.wait:
+        if args.json:
+            _print_json(console, task)
+        else:
+            from rest.client_render import tasks_table
+
+            console.print(tasks_table([task]))
+        return RET_OK
+    return _follow(api, [task_id], console, json_out=args.json)
+
+
+def _cancel(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    task = api.cancel_task(args.id)
+    if args.json:
+        _print_json(console, task)
+    else:
+        from rest.client_render import tasks_table
+
+        console.print(tasks_table([task]))
+    return RET_OK
+
+
+def _watch(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    if args.ids:
+        return _follow(api, args.ids, console)
+    from rest.client_render import LiveBars
+
+    with LiveBars(console) as bars:
+        follower = Follower(api, None, operation=args.operation,
+                            on_change=bars.show, on_delete=bars.hide)
+        follower.run()
+    return RET_OK  # pragma: no cover - following every task ends only by Ctrl-C or an error
+
+
+def _follow(api: ApiClient, ids: list[str], console: Console, *, json_out: bool = False) -> int:
+    from rest.client_render import LiveBars, clean, reason
+
+    with LiveBars(console) as bars:
+        follower = Follower(api, ids, on_change=bars.show)
+        follower.run()
+    tasks = [follower.tasks[task_id] for task_id in follower.ids or []]
+    for task in tasks:
+        if json_out:
+            _print_json(console, task)
+            continue
+        line = f"{clean(task['meta']['id'], 128)} {task['state']}"
+        if task["state"] == "SUCCEEDED":
+            line += " " + clean(json.dumps(task.get("result"), ensure_ascii=False), 300)
+        else:
+            line += f": {reason(task)}"
+        console.file.write(line + "\n")
+    console.file.flush()
+    return outcome_code(tasks)
+
+
+def _quote(task_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(task_id, safe="")
+
+
+_COMMANDS: dict[str, Callable[[ApiClient, argparse.Namespace, Console], int]] = {
+    "list": _list,
+    "get": _get,
+    "create": _create,
+    "cancel": _cancel,
+    "watch": _watch,
+}

@@ -1,0 +1,30 @@
+"""``GET /api/v1/operations``: the operations the caller may create tasks of."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rest.resources import send_json
+
+if TYPE_CHECKING:
+    import falcon
+
+    from rest.auth import Guard
+    from rest.resources import TaskManager
+
+
+class Operations:
+    """``/api/v1/operations``: the registered operations, filtered to what the caller may create."""
+
+    def __init__(self, manager: TaskManager, guard: Guard) -> None:
+        self._manager = manager
+        self._guard = guard
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Return the sorted names of the operations the caller may create tasks of."""
+        subject = self._guard.authenticate(req)
+        operations = [
+            operation for operation in self._manager.registered_operations()
+            if self._guard.allows("create", subject, operation)
+        ]
+        send_json(resp, operations)

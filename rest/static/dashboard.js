@@ -1,0 +1,428 @@
+// housekeeping dashboard: a client of the REST API, no build step.
+//
+// Data flow: fetch() streams /api/v1/task-events (EventSource cannot send an
+// Authorization header); once the stream is open the page (re)reads
+// /api/v1/tasks and merges both by meta.version, so nothing is missed between
+// the two. Changes only mark rows dirty; one animation frame renders them.
+// Every string from the server is written with textContent, never as HTML.
+"use strict";
+(() => {
+  const API = "/api/v1";
+  const TOKEN_KEY = "housekeeping.token";
+  const STATES = ["NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED"];
+  const TERMINAL = new Set(["CANCELED", "FAILED", "SUCCEEDED"]);
+  const RETRY_MS = [500, 1000, 2000, 3000];
+  const FRAME_BUDGET_MS = 12;
+
+  const $ = (id) => document.getElementById(id);
+  const rows = $("task-rows");
+  const entries = new Map(); // task id -> {task, row, cells}
+  const dirty = new Set();
+  const operationsSeen = new Set();
+  let framePending = false;
+  let generation = 0; // bumps on every (re)connect; stale loops stop
+  let controller = null;
+  let retries = 0;
+
+  // -- auth -----------------------------------------------------------------------
+  const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+  function headers(extra) {
+    const result = Object.assign({}, extra);
+    const value = token();
+    if (value) result.Authorization = "Bearer " + value;
+    return result;
+  }
+
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, headers: headers({ Accept: "application/json" }), cache: "no-store" };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, init);
+    let data = null;
+    try { data = await response.json(); } catch (_) { data = null; }
+    if (!response.ok) {
+      const message = data && typeof data.message === "string" ? data.message : response.statusText;
+      throw new ApiError(response.status, message);
+    }
+    return data;
+  }
+
+  // -- banner and connection state --------------------------------------------------
+  function setConnection(state, text) {
+    const badge = $("connection");
+    badge.dataset.state = state;
+    badge.textContent = text;
+    document.body.dataset.connection = state;
+  }
+  function showBanner(text) { const b = $("banner"); b.textContent = text; b.hidden = false; }
+  function hideBanner() { const b = $("banner"); b.textContent = ""; b.hidden = true; }
+  function authProblem(status, message) {
+    const what = status === 401 ? "401 Unauthorized" : "403 Forbidden";
+    const hint = status === 401 ? " Enter a bearer token above." : "";
+    showBanner(what + ": " + message + "." + hint);
+    setConnection("unauthorized", String(status));
+  }
+
+  // -- the task table -----------------------------------------------------------------
+  function upsert(task) {
+    if (!task || !task.meta || typeof task.meta.id !== "string") return;
+    const id = task.meta.id;
+    const known = entries.get(id);
+    if (known && known.task && known.task.meta.version >= task.meta.version) return;
+    if (known) known.task = task; else entries.set(id, { task, row: null, cells: null });
+    markDirty(id);
+  }
+  function remove(id) {
+    const entry = entries.get(id);
+    if (!entry) return;
+    if (entry.row) entry.row.remove();
+    entries.delete(id);
+    dirty.delete(id);
+    scheduleFrame();
+  }
+  function markDirty(id) { dirty.add(id); scheduleFrame(); }
+  function scheduleFrame() {
+    if (framePending) return;
+    framePending = true;
+    requestAnimationFrame(render);
+  }
+
+  function cell(row, className) {
+    const td = document.createElement("td");
+    if (className) td.className = className;
+    row.appendChild(td);
+    return td;
+  }
+  function buildRow(id) {
+    const row = document.createElement("tr");
+    row.dataset.id = id;
+    const cells = {};
+    cells.id = cell(row, "id");
+    cells.id.textContent = id;
+    cells.operation = cell(row, "operation");
+    cells.object = cell(row, "object");
+    const stateCell = cell(row, "state-cell");
+    cells.state = document.createElement("span");
+    stateCell.appendChild(cells.state);
+    const progressCell = cell(row, "");
+    const wrap = document.createElement("div");
+    wrap.className = "progress";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    cells.fill = document.createElement("div");
+    cells.fill.className = "fill";
+    bar.appendChild(cells.fill);
+    cells.pct = document.createElement("span");
+    cells.pct.className = "pct";
+    wrap.append(bar, cells.pct);
+    progressCell.appendChild(wrap);
+    cells.age = cell(row, "age");
+    cells.message = cell(row, "message");
+    const actions = cell(row, "actions");
+    cells.cancel = document.createElement("button");
+    cells.cancel.type = "button";
+    cells.cancel.className = "cancel";
+    cells.cancel.textContent = "Cancel";
+    cells.cancel.dataset.id = id;
+    actions.appendChild(cells.cancel);
+    return { row, cells };
+  }
+  function placeRow(entry) {
+    // Creation order: new tasks go last; an older one (from a re-read) goes before the first newer.
+    const created = entry.task.meta.timeCreated || "";
+    const last = rows.lastElementChild;
+    if (!last || (entries.get(last.dataset.id) || { task: { meta: {} } }).task.meta.timeCreated <= created) {
+      rows.appendChild(entry.row);
+      return;
+    }
+    for (const other of rows.children) {
+      const otherEntry = entries.get(other.dataset.id);
+      if (otherEntry && otherEntry.task.meta.timeCreated > created) {
+        rows.insertBefore(entry.row, other);
+        return;
+      }
+    }
+    rows.appendChild(entry.row);
+  }
+
+  function percentOf(task) {
+    const value = Number(task.progress && task.progress.percentComplete);
+    return Number.isFinite(value) ? Math.max(0, Math.min(100, Math.round(value))) : 0;
+  }
+  function lastMessage(task) {
+    const messages = Array.isArray(task.messages) ? task.messages : [];
+    const last = messages[messages.length - 1];
+    return last && typeof last.message === "string" ? last.message : "";
+  }
+  function age(task, now) {
+    const created = Date.parse(task.meta.timeCreated);
+    if (!Number.isFinite(created)) return "";
+    let s = Math.max(0, Math.floor((now - created) / 1000));
+    if (s < 60) return s + "s";
+    const m = Math.floor(s / 60); s %= 60;
+    if (m < 60) return m + "m" + String(s).padStart(2, "0") + "s";
+    const h = Math.floor(m / 60);
+    if (h < 48) return h + "h" + String(m % 60).padStart(2, "0") + "m";
+    return Math.floor(h / 24) + "d";
+  }
+  function setText(node, text) { if (node.textContent !== text) node.textContent = text; }
+
+  function paint(entry, now) {
+    const task = entry.task;
+    if (!entry.row) {
+      Object.assign(entry, buildRow(task.meta.id));
+      placeRow(entry);
+    }
+    const cells = entry.cells;
+    const state = STATES.includes(task.state) ? task.state : "UNKNOWN";
+    entry.row.dataset.state = state;
+    setText(cells.operation, String(task.operation));
+    setText(cells.object, task.objectId == null ? "" : String(task.objectId));
+    setText(cells.state, task.cancelRequested && !TERMINAL.has(state) ? state + " (canceling)" : state);
+    cells.state.className = "state state-" + state;
+    const pct = percentOf(task);
+    cells.fill.style.width = pct + "%";
+    setText(cells.pct, pct + "%");
+    setText(cells.age, age(task, now));
+    const message = lastMessage(task);
+    setText(cells.message, message);
+    cells.message.title = message;
+    cells.cancel.hidden = TERMINAL.has(state);
+    cells.cancel.disabled = Boolean(task.cancelRequested);
+    entry.row.hidden = !matches(task);
+    const operation = String(task.operation);
+    if (!operationsSeen.has(operation)) addOperationFilter(operation);
+  }
+
+  function render() {
+    // Paint for at most FRAME_BUDGET_MS, then yield to the browser and go on next
+    // frame: a thousand new rows arrive in a few frames instead of one long freeze.
+    framePending = false;
+    const now = Date.now();
+    const deadline = performance.now() + FRAME_BUDGET_MS;
+    for (const id of dirty) {
+      const entry = entries.get(id);
+      if (entry) paint(entry, now);
+      dirty.delete(id);
+      if (performance.now() > deadline) break;
+    }
+    updateCounts();
+    if (dirty.size) scheduleFrame();
+  }
+
+  function matches(task) {
+    const operation = $("filter-operation").value;
+    const state = $("filter-state").value;
+    if (operation && task.operation !== operation) return false;
+    if (state === "UNFINISHED") return !TERMINAL.has(task.state);
+    return !state || task.state === state;
+  }
+  function applyFilters() {
+    for (const entry of entries.values()) if (entry.row) entry.row.hidden = !matches(entry.task);
+    updateCounts();
+  }
+  function updateCounts() {
+    let shown = 0;
+    for (const entry of entries.values()) if (entry.row && !entry.row.hidden) shown += 1;
+    setText($("counts"), entries.size + " tasks, " + shown + " shown");
+    $("empty").hidden = shown > 0;
+  }
+  function addOperationFilter(operation) {
+    operationsSeen.add(operation);
+    const select = $("filter-operation");
+    const option = document.createElement("option");
+    option.value = operation;
+    option.textContent = operation;
+    select.appendChild(option);
+  }
+  function tickAges() {
+    const now = Date.now();
+    for (const entry of entries.values()) {
+      if (entry.row && !entry.row.hidden) setText(entry.cells.age, age(entry.task, now));
+    }
+  }
+
+  // -- the event stream -----------------------------------------------------------------
+  function handleMessage(block, seen) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (!line || line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length) return true;
+    if (event === "DROPPED") return false; // fell behind: reconnect and re-read
+    let payload;
+    try { payload = JSON.parse(data.join("\n")); } catch (_) { return true; }
+    const task = payload && payload.task;
+    if (!task || !task.meta) return true;
+    seen.add(task.meta.id);
+    if (event === "DELETE") remove(task.meta.id); else upsert(task);
+    return true;
+  }
+
+  async function reread(gen, seen) {
+    const tasks = await api("GET", API + "/tasks");
+    if (gen !== generation || !Array.isArray(tasks)) return;
+    const listed = new Set();
+    for (const task of tasks) { listed.add(task.meta.id); upsert(task); }
+    // Tasks purged while the page was not listening are gone from the list.
+    for (const id of Array.from(entries.keys())) {
+      if (!listed.has(id) && !seen.has(id)) remove(id);
+    }
+  }
+
+  async function connect() {
+    const gen = ++generation;
+    if (controller) controller.abort();
+    controller = new AbortController();
+    const signal = controller.signal;
+    setConnection("connecting", "connecting…");
+    let response;
+    try {
+      response = await fetch(API + "/task-events", {
+        headers: headers({ Accept: "text/event-stream" }), cache: "no-store", signal,
+      });
+    } catch (error) {
+      if (gen === generation) retry(gen, "cannot reach the server");
+      return;
+    }
+    if (gen !== generation) return;
+    if (!response.ok) {
+      let message = response.statusText;
+      try { message = (await response.json()).message || message; } catch (_) { /* not JSON */ }
+      if (response.status === 401 || response.status === 403) {
+        authProblem(response.status, message); // wait for a token; retrying cannot help
+        return;
+      }
+      retry(gen, response.status + ": " + message);
+      return;
+    }
+    hideBanner();
+    setConnection("live", "live");
+    retries = 0;
+    const seen = new Set();
+    reread(gen, seen).then(loadOperations).catch((error) => {
+      if (error instanceof ApiError && (error.status === 401 || error.status === 403)) {
+        authProblem(error.status, error.message);
+      }
+    });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || gen !== generation) break;
+        buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          if (!handleMessage(block, seen)) { reader.cancel().catch(() => {}); buffer = ""; break; }
+        }
+      }
+    } catch (_) { /* the connection broke; reconnect below */ }
+    if (gen === generation) retry(gen, "the event stream ended");
+  }
+
+  function retry(gen, why) {
+    const delay = RETRY_MS[Math.min(retries, RETRY_MS.length - 1)];
+    retries += 1;
+    setConnection("error", "reconnecting (" + why + ")");
+    setTimeout(() => { if (gen === generation) connect(); }, delay);
+  }
+
+  // -- actions ----------------------------------------------------------------------------
+  async function loadOperations() {
+    const select = $("create-operation");
+    let operations = [];
+    try { operations = await api("GET", API + "/operations"); } catch (_) { operations = []; }
+    select.replaceChildren();
+    for (const operation of Array.isArray(operations) ? operations : []) {
+      const option = document.createElement("option");
+      option.value = String(operation);
+      option.textContent = String(operation);
+      select.appendChild(option);
+      if (!operationsSeen.has(String(operation))) addOperationFilter(String(operation));
+    }
+    $("create-submit").disabled = select.options.length === 0;
+  }
+
+  function setStatus(text, isError) {
+    const status = $("create-status");
+    status.textContent = text;
+    status.classList.toggle("error", Boolean(isError));
+  }
+
+  async function createTask(event) {
+    event.preventDefault();
+    const body = { operation: $("create-operation").value };
+    const objectId = $("create-object-id").value.trim();
+    if (objectId) body.objectId = objectId;
+    const argsText = $("create-args").value.trim();
+    if (argsText) {
+      try { body.args = JSON.parse(argsText); } catch (error) {
+        setStatus("args is not valid JSON: " + error.message, true);
+        return;
+      }
+    }
+    try {
+      const task = await api("POST", API + "/tasks", body);
+      setStatus("created " + task.meta.id, false);
+      upsert(task);
+    } catch (error) {
+      setStatus((error.status ? error.status + ": " : "") + error.message, true);
+    }
+  }
+
+  async function cancelTask(id, button) {
+    button.disabled = true;
+    try {
+      upsert(await api("POST", API + "/tasks/" + encodeURIComponent(id) + "/cancel"));
+    } catch (error) {
+      button.disabled = false;
+      showBanner("cancel " + id + ": " + (error.status ? error.status + ": " : "") + error.message);
+    }
+  }
+
+  // -- wiring -----------------------------------------------------------------------------
+  function start() {
+    $("token").value = "";
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const value = $("token").value.trim();
+      if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+      $("token").value = "";
+      hideBanner();
+      connect();
+    });
+    $("token-forget").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      connect();
+    });
+    $("create-form").addEventListener("submit", createTask);
+    $("filter-operation").addEventListener("change", applyFilters);
+    $("filter-state").addEventListener("change", applyFilters);
+    rows.addEventListener("click", (event) => {
+      const button = event.target.closest("button.cancel");
+      if (button && button.dataset.id) cancelTask(button.dataset.id, button);
+    });
+    setInterval(tickAges, 1000);
+    connect();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
