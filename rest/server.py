@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -27,7 +28,11 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
+
+from rest.errors import JSON_TYPE, encode_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +48,14 @@ access_log = logging.getLogger("housekeeping.access")
 WAITRESS_MAX_BODY = 16 * 1024 * 1024
 #: How long in-flight requests may take to finish once the manager is terminated.
 REQUEST_DRAIN_TIMEOUT = 1.0
+#: Largest request line plus headers (waitress's default is 256 KiB; the API needs
+#: a few hundred bytes).
+MAX_HEADER_BYTES = 64 * 1024
+#: Open connections at most. waitress's default of 100 lets 100 idle clients lock
+#: everyone else out; each connection costs a file descriptor (see :func:`connection_limit`).
+CONNECTION_LIMIT = 1000
+#: Seconds a connection may sit idle, or fail to take any of its answer, before it is closed.
+CHANNEL_TIMEOUT = 120
 
 
 def is_loopback(host: str) -> bool:
@@ -55,6 +68,67 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(
         ipaddress.ip_address(str(address).split("%", 1)[0]).is_loopback for address in addresses
     )
+
+
+def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
+    """Return ``wanted``, capped at half the file descriptor limit (tasks need descriptors too).
+
+    NOTE: past the descriptor limit, accept() fails and waitress would spin on
+    the ready listening socket; at its connection limit it stops accepting instead.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft // 2))
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error answers, in the API's form ``{"code", "message"}``.
+
+    waitress answers by itself, without calling the app, when a request cannot
+    be parsed (400), its headers are too large (431) or its body exceeds
+    waitress's own limit (413); it would answer in plain text.
+    """
+
+    def execute(self) -> None:
+        """Write the error as JSON and close the connection (as waitress does)."""
+        error = cast(Any, self.request).error
+        detail = str(error.body or "")[:200]
+        message = f"{error.reason}: {detail}" if detail else str(error.reason)
+        body = encode_json({"code": error.code, "message": message})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers = [*self.response_headers, ("Content-Type", JSON_TYPE)]
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    """A waitress connection whose own error answers are JSON (:class:`JsonErrorTask`)."""
+
+    error_task_class = JsonErrorTask
+
+
+def close_stalled_channels(listener: Any, now: float) -> None:
+    """waitress's maintenance, plus: close connections that take none of their answer.
+
+    waitress closes a connection idle for ``channel_timeout`` only when no
+    request runs on it. A client that stops reading (say, an event stream it
+    never reads) would keep its request, and the thread running it, forever;
+    it is closed once output waits and none was taken for as long. The
+    request's next write then fails, which ends it and frees the thread.
+
+    Runs in the loop thread (waitress calls maintenance from there).
+    """
+    type(listener).maintenance(listener, now)
+    cutoff = now - listener.adj.channel_timeout
+    for channel in list(listener.active_channels.values()):
+        if channel.requests and channel.total_outbufs_len and channel.last_activity < cutoff:
+            log.info("closing a connection from %s that took no data for %d s",
+                     channel.addr[0] if channel.addr else "?", listener.adj.channel_timeout)
+            # NOTE: not will_close: waitress acts on that only once the socket
+            # is writable, which a client that does not read never makes it.
+            channel.handle_close()
 
 
 class AccessLog:
@@ -100,6 +174,7 @@ class Server:
         port: int,
         threads: int,
         stop: threading.Event | None = None,
+        channel_timeout: int = CHANNEL_TIMEOUT,
     ) -> None:
         """Create the listening socket(s) (port 0 picks a free port).
 
@@ -109,6 +184,8 @@ class Server:
             port: the port, 0 for a free one (see :attr:`urls`).
             threads: waitress request threads.
             stop: set it to shut down (see :func:`install_signal_handlers`).
+            channel_timeout: seconds after which an idle connection, or one
+                that takes none of its pending answer, is closed.
 
         Raises:
             OSError: the address cannot be listened on.
@@ -122,6 +199,11 @@ class Server:
             threads=threads,
             ident="housekeeping",
             max_request_body_size=WAITRESS_MAX_BODY,
+            max_request_header_size=MAX_HEADER_BYTES,
+            connection_limit=connection_limit(),
+            channel_timeout=channel_timeout,
+            # NOTE: how often timed-out connections are looked for (default 30 s).
+            cleanup_interval=max(1, min(30, channel_timeout // 4)),
             clear_untrusted_proxy_headers=True,
             asyncore_use_poll=True,
             # NOTE: keep reading while a request runs, so that a client hanging up
@@ -132,6 +214,10 @@ class Server:
         self._listeners: list[Any] = [
             d for d in self._map.values() if isinstance(d, BaseWSGIServer)
         ]
+        for listener in self._listeners:
+            listener.channel_class = JsonErrorChannel
+            listener.maintenance = lambda now, listener=listener: close_stalled_channels(
+                listener, now)
         self._thread = threading.Thread(target=self._loop, name="waitress-loop", daemon=True)
         self._failed = False
         self._stop = stop or threading.Event()

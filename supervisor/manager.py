@@ -700,17 +700,22 @@ class Manager:
         if replenish:
             self._replenish()
 
+    def _unwatch_starter(self) -> StarterProcess:
+        """Stop watching the starter's socket and pidfd; return it."""
+        loop = asyncio.get_running_loop()
+        starter = self._starter
+        for fd in (starter.pidfd, starter.sock.fileno() if starter.sock else None):
+            if fd is not None:
+                try:
+                    loop.remove_reader(fd)
+                except (ValueError, OSError):
+                    pass
+        return starter
+
     def _on_starter_died(self) -> None:
         """The starter is gone: kill what it can no longer clean, start another."""
         loop = asyncio.get_running_loop()
-        starter = self._starter
-        if starter.pidfd is not None:
-            loop.remove_reader(starter.pidfd)
-        if starter.sock is not None:
-            try:
-                loop.remove_reader(starter.sock.fileno())
-            except (ValueError, OSError):
-                pass
+        starter = self._unwatch_starter()
         code = starter.close()
         if self._terminating:
             return
@@ -787,14 +792,7 @@ class Manager:
                     self._finish(child)
         # 4. stop the starter (it kills warm processes), close pipes.
         log.debug("terminate: stopping the starter")
-        starter = self._starter
-        if starter.pidfd is not None:
-            loop.remove_reader(starter.pidfd)
-        if starter.sock is not None:
-            try:
-                loop.remove_reader(starter.sock.fileno())
-            except (ValueError, OSError):
-                pass
+        starter = self._unwatch_starter()
         starter.request_stop()
         if starter.pidfd is not None:
             exited = asyncio.Event()
