@@ -98,7 +98,7 @@ class TaskCollection:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the tasks the caller may view, in creation order."""
-        subject = self._guard.authenticate(req) if req.get_header("Authorization") else None
+        subject = self._guard.authenticate(req)
         tasks = self._manager.list_tasks(operation_param(req))
         if self._guard.enabled:
             tasks = [t for t in tasks if self._guard.allows("view", subject, t["operation"])]

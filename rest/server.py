@@ -141,10 +141,10 @@ class AccessLog:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
-        """Log ``client METHOD /path?query status duration``."""
+        """Log ``client METHOD /path?query status duration`` (the path cut to 300 characters)."""
         elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
         access_log.info(
-            "%s %s %s %s %.1fms",
+            "%s %s %.300s %s %.1fms",
             req.remote_addr, req.method, req.relative_uri, resp.status_code, elapsed * 1000,
         )
 
