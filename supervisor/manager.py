@@ -32,6 +32,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from supervisor import reaper
 from supervisor.children import ChildProcess, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import (
@@ -311,12 +312,26 @@ class Manager(Supervision):
                 self._loop_thread.run(
                     self._shutdown(), timeout=self.cancel_grace + CONSTS.terminate_slack + 10
                 )
+            except BaseException:
+                # NOTE: the contract is that nothing of this manager outlives
+                # terminate(); if the orderly shutdown broke, kill by force.
+                log.exception("terminate: the orderly shutdown failed; killing every process")
+                self._kill_everything()
             finally:
                 # 4. (end) stop the loop thread and the subscribers' threads.
                 self._loop_thread.stop()
                 self._events.close(timeout=2.0)
                 self._terminated = True
             log.debug("terminate: done")
+
+    def _kill_everything(self) -> None:
+        """Last resort of terminate(): kill every task tree and the starter's tree."""
+        for child in list(self._by_pid.values()):
+            if child.pid is not None and not child.exited:
+                reaper.kill_tree(child.pid, timeout=1.0)
+        if self._starter.pid is not None:
+            reaper.kill_tree(self._starter.pid, timeout=1.0)
+        self._starter.close()
 
     def __enter__(self) -> Manager:
         return self

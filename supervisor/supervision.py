@@ -472,8 +472,14 @@ class Supervision:
             self._start_starter()
 
     async def _shutdown(self) -> None:
-        """Steps 2-4 of terminate(), on the loop."""
-        loop = asyncio.get_running_loop()
+        """Steps 2-4 of terminate(), on the loop; step 4 runs whatever happens."""
+        try:
+            await self._end_tasks()
+        finally:
+            await self._stop_starter()
+
+    async def _end_tasks(self) -> None:
+        """Steps 2 and 3 of terminate()."""
         assert self._idle is not None
         # 2. cancel queued tasks, send Cancel to children, wait cancel_grace.
         with self._lock:
@@ -517,7 +523,10 @@ class Supervision:
                         reaper.kill_tree(child.pid, timeout=1.0)
                     child.exited = child.reaped = True
                     self._finish(child)
-        # 4. stop the starter (it kills warm processes), close pipes.
+
+    async def _stop_starter(self) -> None:
+        """Step 4 of terminate(): stop the starter (it kills warm processes), close pipes."""
+        loop = asyncio.get_running_loop()
         log.debug("terminate: stopping the starter")
         starter = self._unwatch_starter()
         starter.request_stop()

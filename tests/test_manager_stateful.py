@@ -34,7 +34,7 @@ from conftest import (
     wait_state,
     wait_terminal,
 )
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -100,7 +100,8 @@ VALID = st.one_of(
     )})),
     st.tuples(st.just("WAIT"), st.builds(dict)),
     st.tuples(st.just("FORK"), st.fixed_dictionaries({"mode": st.sampled_from(["return",
-                                                                                "crash"])})),
+                                                                                "crash"]),
+                                                      "open": st.booleans()})),
     st.tuples(st.sampled_from(["SEGV", "EXIT", "RAISE"]), st.builds(dict)),
 )
 #: (create, the exception, True if the shape is wrong: refused even after terminate).
@@ -165,6 +166,9 @@ class ManagerMachine(RuleBasedStateMachine):
         self.model: dict[str, Expected] = {}
         self.seen: dict[str, dict[str, Any]] = {}
         self.terminated = False
+        # Warm up: once a first task has run, the starter has booted and
+        # preloaded, so the tasks of the rules start within milliseconds.
+        self.wait(self._create("QUICK", {}))
 
     # -- rules -----------------------------------------------------------------
 
@@ -243,6 +247,12 @@ class ManagerMachine(RuleBasedStateMachine):
         self._check_terminal(tid, task)
 
     @rule()
+    def wait_all(self) -> None:
+        """Open every gate; every task ends, each as the model allows."""
+        for tid in self.created:
+            self.wait(tid)
+
+    @rule()
     def terminate(self) -> None:
         self.m.terminate()
         self.terminated = True
@@ -280,6 +290,8 @@ class ManagerMachine(RuleBasedStateMachine):
         if operation in GATED:
             gate = self.gates / f"gate{len(self.created)}"
             args["gate"] = str(gate)
+            if args.pop("open", False):
+                gate.touch()  # it ends as soon as it runs
         tid = self.m.run_task({"operation": operation, "args": args})
         self.created.append(tid)
         self.model[tid] = Expected(operation, args, gate=gate)
@@ -409,10 +421,13 @@ class ManagerMachine(RuleBasedStateMachine):
             shutil.rmtree(self.gates, ignore_errors=True)
 
 
+# NOTE: every step runs real processes, so shrinking a failure would take
+# minutes (Hypothesis gives up after five); a failure is reported unshrunk.
 ManagerMachine.TestCase.settings = settings(
-    max_examples=15,
-    stateful_step_count=15,
+    max_examples=40,
+    stateful_step_count=25,
     deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestManagerMachine = ManagerMachine.TestCase
