@@ -1,5 +1,9 @@
-"""Benchmarks of housekeeping against the standard library, run side by side.
+"""Benchmarks of housekeeping side by side with its peers, in one run.
 
-Run one with ``python -m benchmarks.<name>`` from the repository root; they are
-not tests and are not collected by pytest.
+``python -m benchmarks [--quick] [--json FILE] [--only NAME,...]`` from the
+repository root (peers: ``pip install .[bench]``; ``wrk`` from the system's
+packages for the REST figures). One module per benchmark, each exposing
+``TITLE`` and ``run(options)``; ``common`` holds the statistics, the
+alternation of approaches and the report. They are not tests and are not
+collected by pytest.
 """

@@ -151,7 +151,8 @@ def register(manager: Any) -> None:
 
 def register_filled(manager: Any) -> None:
     """Register, then put ``$HOUSEKEEPING_BENCH_FILL`` finished tasks in the table."""
-    from benchmarks.common import fill_table
+    from benchmarks.recording import fill_table
+
 
     register(manager)
     fill_table(manager, int(os.environ.get(FILL_ENV, "0")))

@@ -1,0 +1,190 @@
+"""2. Isolated throughput: trivial tasks, two at a time, each in a fresh process.
+
+Each round runs a batch of trivial tasks through every approach in turn; the
+sample is the batch's rate, from the first submission to the last task done.
+The reused-worker pools do not isolate tasks; they are the reference for what
+a fresh process per task costs.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import wait
+from multiprocessing import connection
+from typing import Any
+
+from benchmarks import animators
+from benchmarks.common import TIMEOUT, Approach, Options, Section, Table, alternate
+from benchmarks.recording import Recorder
+from benchmarks.start import close_pool, context, make_pool, submit
+
+TITLE = "2. Isolated throughput"
+WORKERS = 2
+
+
+class Batch(Approach):
+    """An approach whose sample runs ``tasks`` tasks and returns tasks per second."""
+
+    def __init__(self, name: str, tasks: int, cpu: Table) -> None:
+        self.name = name
+        self.tasks = tasks
+        self.cpu = cpu
+
+    def sample(self) -> float:
+        cpu = time.process_time()
+        seconds = self.run_batch()
+        self.cpu.row(self.name).samples.append((time.process_time() - cpu) / self.tasks)
+        return self.tasks / seconds
+
+    def run_batch(self) -> float:
+        """Run the batch; return its wall time."""
+        raise NotImplementedError
+
+
+class ManagerBatch(Batch):
+    """housekeeping Manager(max_workers=2)."""
+
+    def __enter__(self) -> ManagerBatch:
+        from supervisor import Manager
+
+        self.manager = Manager(max_workers=WORKERS, purge_delay=600)
+        try:
+            self.manager.register_animator("NOOP", animators.Noop())
+            self.recorder = Recorder()
+            self.manager.subscribe(self.recorder)
+            for _ in range(3):
+                self.recorder.wait_end(self.manager.run_task({"operation": "NOOP"}))
+        except BaseException:
+            self.manager.terminate()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.manager.terminate()
+
+    def run_batch(self) -> float:
+        before = self.recorder.ended
+        start = time.monotonic()
+        ids = [self.manager.run_task({"operation": "NOOP"}) for _ in range(self.tasks)]
+        self.recorder.wait_for(lambda: self.recorder.ended - before >= self.tasks,
+                               f"{self.tasks} tasks to end")
+        bad = [t for t in ids if self.recorder.outcome(t) != "SUCCEEDED"]
+        if bad:
+            raise RuntimeError(f"housekeeping: {len(bad)} trivial tasks did not succeed")
+        last = max(self.recorder.when(t, "SUCCEEDED") or 0.0 for t in ids)
+        return last - start
+
+
+class ProcessBatch(Batch):
+    """A bare multiprocessing.Process per task, two at a time."""
+
+    def __init__(self, method: str, tasks: int, cpu: Table) -> None:
+        super().__init__(f"multiprocessing {method} per task", tasks, cpu)
+        self.method = method
+
+    def __enter__(self) -> ProcessBatch:
+        self.ctx = context(self.method)
+        return self
+
+    def _start(self) -> tuple[connection.Connection, Any]:
+        reader, writer = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(target=animators.report, args=(writer,))
+        process.start()
+        writer.close()
+        return reader, process
+
+    def run_batch(self) -> float:
+        running: dict[Any, Any] = {}
+        started = done = 0
+        start = time.monotonic()
+        try:
+            while done < self.tasks:
+                while len(running) < WORKERS and started < self.tasks:
+                    reader, process = self._start()
+                    running[reader] = process
+                    started += 1
+                ready = connection.wait(list(running), TIMEOUT)
+                if not ready:
+                    raise TimeoutError(f"{self.name}: no child finished")
+                for reader in ready:
+                    assert isinstance(reader, connection.Connection)
+                    reader.recv_bytes()
+                    running.pop(reader).join(TIMEOUT)
+                    reader.close()
+                    done += 1
+            return time.monotonic() - start
+        finally:
+            for reader, process in running.items():
+                process.kill()
+                process.join()
+                reader.close()
+
+
+class PoolBatch(Batch):
+    """A pool of two workers, all tasks submitted at once."""
+
+    def __init__(self, kind: str, tasks: int, cpu: Table) -> None:
+        names = {
+            "pebble": "pebble ProcessPool(max_tasks=1)",
+            "ppe1": "ProcessPoolExecutor(max_tasks_per_child=1)",
+            "ppe": "ProcessPoolExecutor (no isolation)",
+            "pebble1": "pebble ProcessPool (no isolation)",
+            "loky": "loky reusable executor (no isolation)",
+        }
+        super().__init__(names[kind], tasks, cpu)
+        self.kind = kind
+
+    def __enter__(self) -> PoolBatch:
+        self.pool = make_pool(self.kind, WORKERS)
+        try:
+            for future in [submit(self.pool, animators.noop) for _ in range(2 * WORKERS)]:
+                future.result(TIMEOUT)
+        except BaseException:
+            close_pool(self.pool)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        close_pool(self.pool)
+
+    def run_batch(self) -> float:
+        start = time.monotonic()
+        futures = [submit(self.pool, animators.noop) for _ in range(self.tasks)]
+        _, pending = wait(futures, TIMEOUT + self.tasks)
+        if pending:
+            raise TimeoutError(f"{self.name}: {len(pending)} jobs did not finish")
+        for future in futures:
+            future.result()
+        return time.monotonic() - start
+
+
+def run(options: Options) -> Section:
+    """Measure the rate of isolated trivial tasks of every approach, alternately."""
+    rounds = options.pick(2, 4)
+    total = options.pick(200, 2000)
+    tasks = total // rounds
+    rates = Table(f"tasks per second ({tasks} per sample, {WORKERS} at a time)", "tasks/s", [],
+                  higher_is_better=True, digits=0)
+    cpu = Table("CPU time of this (parent) process per task", "ms", [], scale=1000, digits=3)
+    approaches: list[Approach] = [
+        ManagerBatch("housekeeping Manager(max_workers=2)", tasks, cpu),
+        ProcessBatch("fork", tasks, cpu),
+        ProcessBatch("forkserver", tasks, cpu),
+        PoolBatch("pebble", tasks, cpu),
+        PoolBatch("ppe1", tasks, cpu),
+        PoolBatch("ppe", tasks, cpu),
+        PoolBatch("pebble1", tasks, cpu),
+        PoolBatch("loky", tasks, cpu),
+    ]
+    alternate(approaches, rounds, 1, rates)
+    section = Section(TITLE, [rates, cpu])
+    section.facts["tasks per approach"] = tasks * rounds
+    section.notes += [
+        "housekeeping: from the first run_task to the last SUCCEEDED event; every task "
+        "in a fresh process; table and subscriber kept as in a service",
+        "multiprocessing: start, read the child's message, join; 2 at a time",
+        "pools: all tasks submitted at once, until the last future is done",
+        "CPU: time.process_time() of the benchmark process (the housekeeping loop and "
+        "subscriber threads, or the pool's threads); helper processes not counted",
+    ]
+    return section
