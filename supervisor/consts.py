@@ -16,8 +16,10 @@ class Consts:
     #: How often ``TaskOps.is_canceled()`` really looks at the pipe; in between
     #: it costs one clock read.
     cancel_poll_interval: float = 0.005
-    #: Between SIGTERM and SIGKILL when a task tree is killed.
+    #: Between SIGTERM and SIGKILL when a task tree is killed (timeout, terminate).
     term_grace: float = 0.5
+    #: The same after a cancel: the task was told and had all of ``cancel_grace``.
+    cancel_term_grace: float = 0.1
     #: How many processes the starter keeps forked ahead of need (capped by
     #: ``max_workers``).
     warm_processes: int = 2

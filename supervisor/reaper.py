@@ -9,16 +9,26 @@ import signal
 
 import psutil
 
+from supervisor.linux import descendants_of
+
 log = logging.getLogger("housekeeping.reaper")
 
 
 def tree_of(pid: int) -> list[psutil.Process]:
-    """The process ``pid`` and every descendant, deepest last; [] if it is gone."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
+    """The process ``pid`` and every descendant, deepest last; [] if it is gone.
+
+    NOTE: walks /proc/<pid>/task/<pid>/children instead of psutil's
+    ``children(recursive=True)``, which reads every process on the machine
+    (milliseconds on the loop thread, against microseconds).
+    """
+    procs = []
+    for member in (pid, *descendants_of(pid)):
+        try:
+            procs.append(psutil.Process(member))
+        except psutil.Error:
+            if member == pid:
+                return []
+    return procs
 
 
 def signal_tree(pid: int, sig: int, pidfd: int | None = None) -> int:

@@ -372,17 +372,21 @@ class Supervision:
         child.timers.append(asyncio.get_running_loop().call_later(
             self.cancel_grace, self._kill, child, TaskState.CANCELED,
             f"killed after cancel grace period ({self.cancel_grace:g} s)",
+            CONSTS.cancel_term_grace,
         ))
 
-    def _kill(self, child: ChildProcess, state: TaskState, reason: str) -> None:
-        """Decide the outcome and kill the tree: SIGTERM now, SIGKILL a little later."""
+    def _kill(
+        self, child: ChildProcess, state: TaskState, reason: str,
+        term_grace: float = CONSTS.term_grace,
+    ) -> None:
+        """Decide the outcome and kill the tree: SIGTERM now, SIGKILL ``term_grace`` later."""
         if child.killing or child.exited or child.final is not None or child.pid is None:
             return
         child.forced = (state, reason)
         log.info("task %s: %s; killing process tree %d", child.task_id, reason, child.pid)
         reaper.signal_tree(child.pid, signal.SIGTERM, child.pidfd)
         child.timers.append(asyncio.get_running_loop().call_later(
-            CONSTS.term_grace, self._kill_hard, child,
+            term_grace, self._kill_hard, child,
         ))
 
     def _kill_hard(self, child: ChildProcess) -> None:

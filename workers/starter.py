@@ -26,31 +26,18 @@ import signal
 import socket
 import sys
 
-from supervisor.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+from supervisor.linux import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    children_of,
+    descendants_of,
+    prctl,
+)
 from supervisor.protocol import Exited, Preload, Spawn, Stop, decode, encode
 from workers.child import run_warm_process
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
 EXIT_ORPHANED = 3  # the supervisor was already gone when the starter came up
-
-
-def children_of(pid: int) -> list[int]:
-    """The direct children of ``pid``, read from /proc (cheap, no psutil)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def descendants_of(pid: int) -> list[int]:
-    """Every descendant of ``pid``, deepest last."""
-    found: list[int] = []
-    frontier = children_of(pid)
-    while frontier:
-        found.extend(frontier)
-        frontier = [c for p in frontier for c in children_of(p)]
-    return found
 
 
 def _kill(pids: list[int]) -> None:
