@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +23,19 @@ def utc_stamp(when: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def copy_json(value: Any) -> Any:
+    """Copy JSON data: dicts and lists anew, scalars shared (they are immutable).
+
+    NOTE: several times faster than ``copy.deepcopy``, which matters because
+    ``list_tasks`` copies every task under the manager's lock.
+    """
+    if isinstance(value, dict):
+        return {key: copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_json(item) for item in value]
+    return value
+
+
 class Task:
     """The supervisor's record of one task; mutated only under the manager's lock."""
 
@@ -31,8 +43,8 @@ class Task:
         self.id = task_id
         self.operation: str = create["operation"]
         self.object_id: str | None = create.get("objectId")
-        self.service_states: dict[str, Any] = copy.deepcopy(create.get("serviceStates") or {})
-        self.args: dict[str, Any] = copy.deepcopy(create.get("args") or {})
+        self.service_states: dict[str, Any] = copy_json(create.get("serviceStates") or {})
+        self.args: dict[str, Any] = copy_json(create.get("args") or {})
         self.state = TaskState.NEW
         self.cancel_requested = False
         self.version = 1
@@ -89,12 +101,12 @@ class Task:
                 "timeModified": self.time_modified,
             },
             "operation": self.operation,
-            "serviceStates": copy.deepcopy(self.service_states),
-            "args": copy.deepcopy(self.args),
+            "serviceStates": copy_json(self.service_states),
+            "args": copy_json(self.args),
             "state": self.state.value,
             "cancelRequested": self.cancel_requested,
             "messages": [dict(m) for m in self.messages],
-            "result": copy.deepcopy(self.result),
+            "result": copy_json(self.result),
         }
         if self.object_id is not None:
             wire["objectId"] = self.object_id
