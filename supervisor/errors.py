@@ -31,20 +31,6 @@ class ManagerTerminated(HousekeepingError):
     """Raised when a terminated (or terminating) manager is asked for new work."""
 
 
-class ChildProcessDied(HousekeepingError):
-    """Raised inside the supervisor when a task process ends without a final report.
-
-    It is never raised to callers; the manager turns it into a FAILED task whose
-    message carries the pid, the exit code or signal, and a hint.
-    """
-
-    def __init__(self, pid: int, exitcode: int | None, hint: str = "") -> None:
-        self.pid = pid
-        self.exitcode = exitcode
-        self.hint = hint
-        super().__init__(describe_exit(pid, exitcode, hint))
-
-
 def describe_exit(pid: int, exitcode: int | None, hint: str = "") -> str:
     """Name how a process ended, e.g. ``killed by signal SIGSEGV``."""
     import signal
