@@ -48,7 +48,7 @@ from supervisor.loop import LoopThread
 from supervisor.states import TaskState
 from supervisor.supervision import Registration, Supervision
 from supervisor.table import TaskTable
-from supervisor.task import Task
+from supervisor.task import Task, copy_json
 
 log = logging.getLogger("housekeeping.supervisor")
 
@@ -243,12 +243,15 @@ class Manager(Supervision):
             task = self._table.get(task_id)
             if task is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
-            return task.to_wire()
+            snapshot = task.snapshot()
+        return copy_json(snapshot)  # type: ignore[no-any-return]
 
     def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
         """Return the wire dicts of all tasks (of one operation), in creation order."""
         with self._lock:
-            return [task.to_wire() for task in self._table.select(operation)]
+            snapshots = [task.snapshot() for task in self._table.select(operation)]
+        # NOTE: copied outside the lock: the supervisor is not held up by a long list.
+        return [copy_json(snapshot) for snapshot in snapshots]
 
     def counts(self) -> dict[str, int]:
         """Count tasks by state, plus ``queued`` and ``running`` (for health checks)."""

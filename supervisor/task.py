@@ -52,6 +52,7 @@ class Task:
         self.progress: dict[str, Any] | None = None
         self.messages: deque[dict[str, str]] = deque(maxlen=CONSTS.max_messages)
         self.result: Any = None
+        self._snapshot: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -91,7 +92,21 @@ class Task:
         self.touch()
 
     def to_wire(self) -> dict[str, Any]:
-        """Build the JSON-ready wire dict (a fresh copy each call)."""
+        """Return the JSON-ready wire dict: a fresh copy the caller may keep."""
+        return copy_json(self.snapshot())  # type: ignore[no-any-return]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the wire dict of this version, shared: never mutate it.
+
+        Built once per version (every change goes through :meth:`touch`, which
+        bumps it), so a caller holding the manager's lock only collects
+        snapshots and copies them after releasing it.
+        """
+        if self._snapshot is None or self._snapshot["meta"]["version"] != self.version:
+            self._snapshot = self._build_wire()
+        return self._snapshot
+
+    def _build_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
             "meta": {
                 "id": self.id,
@@ -101,15 +116,17 @@ class Task:
                 "timeModified": self.time_modified,
             },
             "operation": self.operation,
-            "serviceStates": copy_json(self.service_states),
-            "args": copy_json(self.args),
+            # NOTE: shared, not copied: the task never changes these in place,
+            # and whoever hands a snapshot out copies it (to_wire).
+            "serviceStates": self.service_states,
+            "args": self.args,
             "state": self.state.value,
             "cancelRequested": self.cancel_requested,
-            "messages": [dict(m) for m in self.messages],
-            "result": copy_json(self.result),
+            "messages": list(self.messages),
+            "result": self.result,
         }
         if self.object_id is not None:
             wire["objectId"] = self.object_id
         if self.progress is not None:
-            wire["progress"] = dict(self.progress)
+            wire["progress"] = self.progress
         return wire
