@@ -37,7 +37,7 @@ from benchmarks.common import (
     alternate,
     wait_until,
 )
-from benchmarks.recording import Recorder, wait_warm
+from benchmarks.recording import Recorder, recorded_manager, wait_warm
 from benchmarks.start import POOL_PAUSE
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
 
@@ -61,8 +61,6 @@ class ManagerCancel(Approach):
         self.survivors = 0
 
     def __enter__(self) -> ManagerCancel:
-        from supervisor import Manager
-
         self.running: dict[str, tuple[float, str]] = {}
 
         def watch(task: dict[str, Any], now: float) -> None:
@@ -72,14 +70,11 @@ class ManagerCancel(Approach):
                 if entry["message"].startswith("running"):
                     self.running[task["meta"]["id"]] = (now, entry["message"])
 
-        self.manager = Manager(max_workers=2, purge_delay=600, cancel_grace=GRACE)
-        try:
-            animators.register(self.manager)
-            self.recorder = Recorder(watch)
-            self.manager.subscribe(self.recorder)
-        except BaseException:
-            self.manager.terminate()
-            raise
+        self.recorder = Recorder(watch)
+        self.manager = recorded_manager(
+            animators.register, self.recorder,
+            max_workers=2, purge_delay=600, cancel_grace=GRACE,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks import animators
 from benchmarks.common import TIMEOUT, Approach, Options, Section, Table, alternate
-from benchmarks.recording import Recorder
+from benchmarks.recording import Recorder, recorded_manager
 
 TITLE = "4. Progress flood"
 LINGER = 0.3
@@ -63,8 +63,6 @@ class ManagerFlood(Approach):
         self.figures = figures
 
     def __enter__(self) -> ManagerFlood:
-        from supervisor import Manager
-
         self.last_seen: dict[str, float] = {}
         calls = self.calls
 
@@ -73,14 +71,11 @@ class ManagerFlood(Approach):
             if progress.get("transferredBytes") == calls:
                 self.last_seen.setdefault(task["meta"]["id"], now)
 
-        self.manager = Manager(max_workers=2, purge_delay=600)
-        try:
-            self.manager.register_animator("FLOOD", animators.Flood())
-            self.recorder = Recorder(watch)
-            self.manager.subscribe(self.recorder)
-        except BaseException:
-            self.manager.terminate()
-            raise
+        self.recorder = Recorder(watch)
+        self.manager = recorded_manager(
+            lambda m: m.register_animator("FLOOD", animators.Flood()), self.recorder,
+            max_workers=2, purge_delay=600,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

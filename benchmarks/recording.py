@@ -61,6 +61,35 @@ class Recorder:
         return self.outcome(task_id) or ""
 
 
+def recorded_manager(
+    register: Callable[[Any], None],
+    recorder: Recorder,
+    warmup: str | None = None,
+    **options: Any,
+) -> Any:
+    """Start a Manager, register animators, subscribe ``recorder``; terminate on failure.
+
+    Args:
+        register: called with the manager to register its animators.
+        recorder: subscribed to every change.
+        warmup: an operation to run three times first, if any.
+        **options: Manager keyword arguments.
+    """
+    from supervisor import Manager
+
+    manager = Manager(**options)
+    try:
+        register(manager)
+        manager.subscribe(recorder)
+        if warmup is not None:
+            for _ in range(3):
+                recorder.wait_end(manager.run_task({"operation": warmup}))
+    except BaseException:
+        manager.terminate()
+        raise
+    return manager
+
+
 def wait_warm(manager: Any, timeout: float = TIMEOUT) -> None:
     """Wait until the manager again has its processes forked ahead of need.
 

@@ -29,7 +29,7 @@ from benchmarks.common import (
     Table,
     alternate,
 )
-from benchmarks.recording import Recorder, wait_warm
+from benchmarks.recording import Recorder, recorded_manager, wait_warm
 
 TITLE = "1. Start latency"
 #: Jobs run and thrown away after each set-up (imports, first fork).
@@ -54,13 +54,12 @@ class ManagerStart(Approach):
     pause = 0.01
 
     def __enter__(self) -> ManagerStart:
-        from supervisor import Manager
-
-        self.manager = Manager(max_workers=2, purge_delay=600)
+        self.recorder = Recorder()
+        self.manager = recorded_manager(
+            lambda m: m.register_animator("STARTED", animators.Started()), self.recorder,
+            max_workers=2, purge_delay=600,
+        )
         try:
-            self.manager.register_animator("STARTED", animators.Started())
-            self.recorder = Recorder()
-            self.manager.subscribe(self.recorder)
             for _ in range(WARMUP):
                 self.recorder.wait_end(self.manager.run_task({"operation": "STARTED"}))
         except BaseException:

@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks import animators
 from benchmarks.common import TIMEOUT, Approach, Options, Section, Table, alternate
-from benchmarks.recording import Recorder
+from benchmarks.recording import Recorder, recorded_manager
 from benchmarks.start import close_pool, context, make_pool, submit
 
 TITLE = "2. Isolated throughput"
@@ -45,18 +45,11 @@ class ManagerBatch(Batch):
     """housekeeping Manager(max_workers=2)."""
 
     def __enter__(self) -> ManagerBatch:
-        from supervisor import Manager
-
-        self.manager = Manager(max_workers=WORKERS, purge_delay=600)
-        try:
-            self.manager.register_animator("NOOP", animators.Noop())
-            self.recorder = Recorder()
-            self.manager.subscribe(self.recorder)
-            for _ in range(3):
-                self.recorder.wait_end(self.manager.run_task({"operation": "NOOP"}))
-        except BaseException:
-            self.manager.terminate()
-            raise
+        self.recorder = Recorder()
+        self.manager = recorded_manager(
+            lambda m: m.register_animator("NOOP", animators.Noop()), self.recorder,
+            warmup="NOOP", max_workers=WORKERS, purge_delay=600,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
