@@ -21,9 +21,6 @@ class TaskState(enum.StrEnum):
     #: Terminal: ``execute`` returned normally.
     SUCCEEDED = "SUCCEEDED"
 
-    def __str__(self) -> str:
-        return self.value
-
 
 TERMINAL_STATES = frozenset({TaskState.CANCELED, TaskState.FAILED, TaskState.SUCCEEDED})
 
