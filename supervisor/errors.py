@@ -31,6 +31,10 @@ class ManagerTerminated(HousekeepingError):
     """Raised when a terminated (or terminating) manager is asked for new work."""
 
 
+class BackendUnavailable(HousekeepingError):
+    """Raised when the place tasks run cannot take new ones now (say, a lost cluster)."""
+
+
 def describe_exit(pid: int, exitcode: int | None, hint: str = "") -> str:
     """Name how a process ended, e.g. ``killed by signal SIGSEGV``."""
     import signal

@@ -1,5 +1,8 @@
 """The Manager: the task table, its limits, and the supervision of every child.
 
+Where tasks run is a :class:`~supervisor.backend.Backend`; the picture below
+is the default, :class:`~supervisor.local.LocalBackend`.
+
 ::
 
     callers (any thread)            loop thread (uvloop)                 processes
@@ -19,7 +22,6 @@ come from pidfds and from the starter's ``Exited`` reports, and every delay
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -32,8 +34,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from supervisor import reaper
-from supervisor.children import ChildProcess, StarterProcess
+from supervisor.backend import Backend, Registration
 from supervisor.consts import CONSTS
 from supervisor.errors import (
     HousekeepingError,
@@ -43,10 +44,10 @@ from supervisor.errors import (
     UnsupportedOperation,
 )
 from supervisor.events import Callback, EventHub
-from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
+from supervisor.local import LocalBackend
 from supervisor.loop import LoopThread
 from supervisor.states import TaskState
-from supervisor.supervision import Registration, Supervision
+from supervisor.supervision import Supervision
 from supervisor.table import TaskTable
 from supervisor.task import Task, copy_json
 
@@ -68,6 +69,10 @@ class Manager(Supervision):
         subreaper: make this process a child subreaper, so that even a daemon
             whose task process and starter were both killed from outside is
             re-parented here and killed. Off by default: it changes the host.
+            (For the default local backend only.)
+        backend: where tasks run. Default: a :class:`~supervisor.local.LocalBackend`
+            (a process per task on this machine). A
+            ``supervisor.dask_backend.DaskBackend`` runs them on a Dask cluster.
 
     Raises:
         ValueError: a limit is out of range.
@@ -81,11 +86,18 @@ class Manager(Supervision):
         cancel_grace: float = 5.0,
         *,
         subreaper: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
+        if backend is None:
+            backend = LocalBackend(subreaper=subreaper)
+        elif subreaper:
+            raise ValueError("subreaper applies to the local backend only")
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend must be a supervisor.backend.Backend, not {backend!r}")
         if max_workers is None:
-            max_workers = os.cpu_count() or 1
+            max_workers = backend.default_max_workers() or os.cpu_count() or 1
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError("max_workers must be an integer >= 1")
         if max_queued is not None and (
@@ -104,23 +116,13 @@ class Manager(Supervision):
         self._table = TaskTable()
         self._events = EventHub(CONSTS.subscriber_backlog)
         self._animators: dict[str, Registration] = {}
-        self._preloaded: set[str] = set()  # animator modules the starter imported
         self._queue: deque[str] = deque()
-        self._running: dict[str, ChildProcess] = {}  # by task id
-        self._by_pid: dict[int, ChildProcess] = {}  # every child with a known pid
-        self._warm: deque[ChildProcess] = deque()
-        self._spawning: set[ChildProcess] = set()
-        self._warm_target = min(self.max_workers, CONSTS.warm_processes)
+        self._running: set[str] = set()  # ids of the tasks the backend runs
         self._terminating = False
         self._terminate_lock = threading.Lock()
         self._terminated = False
-        self._idle: asyncio.Event | None = None
-        self._starter = StarterProcess()
-        self._starter_started = 0.0
-        self._starter_failures = 0
+        self._backend = backend
 
-        if subreaper:
-            prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
         try:
@@ -180,9 +182,8 @@ class Manager(Supervision):
         with self._lock:
             self._check_open()
             self._animators[operation] = registration
-        if module != "__main__" and module not in self._preloaded:
-            self._preloaded.add(module)
-            self._loop_thread.call(self._preload, (module,))
+        if module != "__main__":
+            self._loop_thread.call(self._backend.preload, (module,))
 
     def registered_operations(self) -> list[str]:
         """The operations with an animator, sorted."""
@@ -200,6 +201,8 @@ class Manager(Supervision):
             UnsupportedOperation: no animator is registered for the operation.
             QueueFull: too many tasks would wait for a slot (``max_queued``).
             ManagerTerminated: the manager is terminating or terminated.
+            BackendUnavailable: the backend cannot run tasks now (e.g. the
+                Dask scheduler is unreachable).
             InvalidAnimator: the animator does not handle this operation.
             InvalidArguments: also for any other exception from ``validate``
                 (chained as its ``__cause__``).
@@ -207,6 +210,7 @@ class Manager(Supervision):
         _check_create(create)
         with self._lock:
             self._check_open()
+            self._check_available()
             registration = self._animators.get(create["operation"])
         if registration is None:
             raise UnsupportedOperation(f"unsupported operation {create['operation']!r}")
@@ -319,22 +323,13 @@ class Manager(Supervision):
                 # NOTE: the contract is that nothing of this manager outlives
                 # terminate(); if the orderly shutdown broke, kill by force.
                 log.exception("terminate: the orderly shutdown failed; killing every process")
-                self._kill_everything()
+                self._backend.kill_everything()
             finally:
                 # 4. (end) stop the loop thread and the subscribers' threads.
                 self._loop_thread.stop()
                 self._events.close(timeout=2.0)
                 self._terminated = True
             log.debug("terminate: done")
-
-    def _kill_everything(self) -> None:
-        """Last resort of terminate(): kill every task tree and the starter's tree."""
-        for child in list(self._by_pid.values()):
-            if child.pid is not None and not child.exited:
-                reaper.kill_tree(child.pid, timeout=1.0)
-        if self._starter.pid is not None:
-            reaper.kill_tree(self._starter.pid, timeout=1.0)
-        self._starter.close()
 
     def __enter__(self) -> Manager:
         return self

@@ -1,0 +1,119 @@
+"""The seam between the task table and the place where tasks run.
+
+The :class:`~supervisor.manager.Manager` keeps the table, the queue, the
+events and every state change; a :class:`Backend` starts a queued task
+somewhere, tells it to cancel, kills it, and reports what became of it.
+Two implement it: :class:`~supervisor.local.LocalBackend` (a process per task
+on this machine; the default) and ``supervisor.dask_backend.DaskBackend``
+(the same child code on the workers of a Dask cluster).
+
+::
+
+    Manager (the Host)                      Backend
+    ──────────────────                      ───────
+    dispatch ─── can_start() / start(launch) ──▶  runs the task's animator
+    cancel_task ─── cancel(task_id) ────────────▶ tell, kill after cancel_grace
+    task_message(task_id, Progress | ...) ◀─────  coalesced reports, in order
+    task_finished(task_id, outcome) ◀───────────  exactly once per started task
+    terminate ─── await shutdown() ─────────────▶ tell, grace, kill, reap; stop
+
+Every method of a backend, and every call it makes to its host, runs on the
+manager's loop thread, except :meth:`Backend.kill_everything` (the last resort
+of ``terminate()``, from the caller's thread).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from supervisor.protocol import Note, Progress, StateChanged
+from supervisor.states import TaskState
+
+
+@dataclass(frozen=True)
+class Registration:
+    """An operation's animator and limits."""
+
+    animator: Any
+    pickled: bytes
+    main_path: str | None
+    timeout: float | None
+    max_memory: int | None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a backend needs to run one task."""
+
+    task_id: str
+    task: dict[str, Any]  #: the task's wire form when it starts
+    registration: Registration
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a task ended: its terminal state, the notes that say why, its result."""
+
+    state: TaskState
+    notes: tuple[str, ...] = ()
+    result_json: str | None = None
+    traceback: str | None = None
+
+
+Report = Progress | StateChanged | Note
+
+
+class Host(Protocol):
+    """What a backend may ask of the manager it serves."""
+
+    max_workers: int
+    cancel_grace: float
+
+    def task_message(self, task_id: str, message: Report) -> str | None:
+        """Apply one report of a running task; return what was wrong with it, if anything."""
+
+    def task_finished(self, task_id: str, outcome: Outcome) -> None:
+        """Record the terminal state of a started task and free its slot."""
+
+    def backend_changed(self) -> None:
+        """Capacity or availability changed: dispatch queued tasks (or fail them)."""
+
+
+class Backend(abc.ABC):
+    """Where tasks run: start, cancel, kill, reap, and report back to the host."""
+
+    @abc.abstractmethod
+    async def open(self, host: Host) -> None:
+        """Get ready to run tasks for ``host`` (on the manager's loop)."""
+
+    def default_max_workers(self) -> int | None:
+        """Tasks in flight when the manager's ``max_workers`` is not given (None: CPUs)."""
+        return None
+
+    def preload(self, modules: tuple[str, ...]) -> None:  # noqa: B027 (optional hook)
+        """Animator modules were registered: import them ahead of the first task."""
+
+    def unavailable(self) -> str | None:
+        """Why new tasks cannot be run now (None: they can)."""
+        return None
+
+    @abc.abstractmethod
+    def can_start(self) -> bool:
+        """True when :meth:`start` would take a task now."""
+
+    @abc.abstractmethod
+    def start(self, launch: Launch) -> bool:
+        """Start a task; False if it could not be handed over (the host retries)."""
+
+    @abc.abstractmethod
+    def cancel(self, task_id: str) -> None:
+        """Tell a running task to cancel; kill its tree after the host's cancel_grace."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Cancel every running task, kill what is left, wait until all is reaped; stop."""
+
+    def kill_everything(self) -> None:  # noqa: B027 (optional hook)
+        """Last resort of ``terminate()`` when :meth:`shutdown` failed (any thread)."""

@@ -1,0 +1,484 @@
+"""The local backend: a process of its own per task, on this machine.
+
+A task process is finished only when two things are known: its pidfd fired
+(the process is gone) and the starter reported ``Exited`` (it reaped it and
+killed every orphan it left). The outcome is then decided by
+:meth:`LocalBackend._outcome`: a final report sent before any kill wins, then
+the kill's reason, then the exit code.
+
+Everything here runs on the manager's loop thread: task pipes, pidfds, the
+starter's socket and every timer (cancel grace, timeout, SIGTERM→SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections import deque
+
+from supervisor import reaper
+from supervisor.backend import Backend, Host, Launch, Outcome
+from supervisor.children import DATA, EOF, ChildProcess, StarterProcess
+from supervisor.consts import CONSTS
+from supervisor.errors import describe_exit
+from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
+from supervisor.protocol import (
+    Cancel,
+    Finished,
+    Note,
+    Progress,
+    ProtocolError,
+    Ready,
+    Start,
+    StateChanged,
+)
+from supervisor.states import TaskState
+
+log = logging.getLogger("housekeeping.supervisor")
+
+
+class LocalBackend(Backend):
+    """Run each task in a process forked by a starter process of this machine.
+
+    Args:
+        subreaper: make this process a child subreaper, so that even a daemon
+            whose task process and starter were both killed from outside is
+            re-parented here and killed. Off by default: it changes the host.
+    """
+
+    def __init__(self, *, subreaper: bool = False) -> None:
+        self.subreaper = subreaper
+        self._host: Host | None = None
+        self._preloaded: set[str] = set()  # animator modules the starter imported
+        self._running: dict[str, ChildProcess] = {}  # by task id
+        self._by_pid: dict[int, ChildProcess] = {}  # every child with a known pid
+        self._warm: deque[ChildProcess] = deque()
+        self._spawning: set[ChildProcess] = set()
+        self._warm_target = CONSTS.warm_processes
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._starter = StarterProcess()
+        self._starter_started = 0.0
+        self._starter_failures = 0
+        if subreaper:
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    @property
+    def host(self) -> Host:
+        assert self._host is not None, "the backend is not open"
+        return self._host
+
+    async def open(self, host: Host) -> None:
+        self._host = host
+        self._warm_target = min(host.max_workers, CONSTS.warm_processes)
+        self._start_starter()
+
+    # -- the starter and warm processes --------------------------------------
+
+    def _start_starter(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._starter = StarterProcess()
+        self._starter.start()
+        self._starter_started = loop.time()
+        assert self._starter.sock is not None and self._starter.pidfd is not None
+        loop.add_reader(self._starter.sock.fileno(), self._on_starter_readable)
+        loop.add_reader(self._starter.pidfd, self._on_starter_died)
+        if self._preloaded:
+            self._starter.preload(tuple(sorted(self._preloaded)))
+        self._replenish()
+
+    def preload(self, modules: tuple[str, ...]) -> None:
+        modules = tuple(module for module in modules if module not in self._preloaded)
+        if not modules:
+            return
+        self._preloaded.update(modules)
+        try:
+            self._starter.preload(modules)
+        except (OSError, AssertionError):
+            return  # the starter died; its successor preloads every module
+        # NOTE: processes forked before the Preload would import the module
+        # at their first task (tens of ms); trade them for fresh ones now.
+        for child in list(self._warm) + list(self._spawning):
+            self._discard(child, replenish=False)
+        self._replenish()
+
+    def _replenish(self) -> None:
+        """Keep ``_warm_target`` processes forked ahead of need."""
+        if self._stopping or self._starter.sock is None:
+            return  # no starter: _on_starter_died starts another, then replenishes
+        loop = asyncio.get_running_loop()
+        while len(self._warm) + len(self._spawning) < self._warm_target:
+            try:
+                sock = self._starter.spawn()
+            except OSError:
+                return  # the starter is gone; _on_starter_died restarts it
+            child = ChildProcess(sock)
+            self._spawning.add(child)
+            loop.add_reader(sock.fileno(), self._on_child_readable, child)
+
+    # -- starting and running tasks -----------------------------------------
+
+    def can_start(self) -> bool:
+        return bool(self._warm)
+
+    def start(self, launch: Launch) -> bool:
+        child = self._warm.popleft()
+        registration = launch.registration
+        start = Start(
+            task=launch.task,
+            animator=registration.pickled,
+            sys_path=tuple(sys.path),
+            main_path=registration.main_path,
+            max_memory=registration.max_memory,
+        )
+        try:
+            child.send(start)
+        except OSError:
+            self._discard(child)
+            return False
+        child.task_id = launch.task_id
+        child.max_memory = registration.max_memory
+        self._running[launch.task_id] = child
+        self._idle.clear()
+        if registration.timeout is not None:
+            child.timers.append(asyncio.get_running_loop().call_later(
+                registration.timeout, self._kill, child, TaskState.FAILED,
+                f"timed out after {registration.timeout:g} s",
+            ))
+        log.info("task %s started in process %s", launch.task_id, child.pid)
+        self._replenish()
+        return True
+
+    def _read(self, child: ChildProcess) -> str:
+        """Read one chunk of a task pipe, handle its messages; return what the read saw."""
+        messages, seen, error = child.read_frames()
+        for message in messages:
+            self._handle(child, message)
+        if error is not None:
+            self._protocol_violation(child, str(error))
+            return EOF
+        return seen
+
+    def _on_child_readable(self, child: ChildProcess) -> None:
+        if self._read(child) == EOF:
+            self._stop_reading(child)
+
+    def _stop_reading(self, child: ChildProcess) -> None:
+        if not child.reading:
+            return
+        child.reading = False
+        try:
+            asyncio.get_running_loop().remove_reader(child.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        if child.pid is None:  # died before it said Ready
+            self._discard(child)
+
+    def _handle(self, child: ChildProcess, message: object) -> None:
+        """Dispatch one message of a task process by its type."""
+        if isinstance(message, Ready):
+            self._on_ready(child, message)
+            return
+        if child.task_id is None:
+            self._protocol_violation(child, f"{type(message).__name__} before Start")
+            return
+        if isinstance(message, Finished):
+            if child.final is None and not child.killing:
+                child.final = message
+        elif isinstance(message, Progress | StateChanged | Note):
+            error = self.host.task_message(child.task_id, message)
+            if error is not None:
+                self._protocol_violation(child, error)
+        else:
+            self._protocol_violation(child, f"unexpected {type(message).__name__}")
+
+    def _on_ready(self, child: ChildProcess, ready: Ready) -> None:
+        if child.pid is not None or not isinstance(ready.pid, int):
+            self._protocol_violation(child, "a second Ready")
+            return
+        child.pid = ready.pid
+        self._spawning.discard(child)
+        try:
+            child.pidfd = os.pidfd_open(ready.pid)
+        except OSError:
+            self._discard(child)
+            return
+        self._by_pid[ready.pid] = child
+        asyncio.get_running_loop().add_reader(child.pidfd, self._on_child_exited, child)
+        self._warm.append(child)
+        self.host.backend_changed()
+
+    def _on_child_exited(self, child: ChildProcess) -> None:
+        """The pidfd fired: read what the child wrote last, then await the starter."""
+        loop = asyncio.get_running_loop()
+        assert child.pidfd is not None
+        loop.remove_reader(child.pidfd)
+        child.exited = True
+        while child.reading and self._read(child) == DATA:
+            pass
+        self._stop_reading(child)
+        self._maybe_finish(child)
+
+    def _on_starter_readable(self) -> None:
+        try:
+            exited = self._starter.read()
+        except ProtocolError as exc:
+            log.error("starter: %s", exc)
+            return
+        if exited is None:
+            loop = asyncio.get_running_loop()
+            if self._starter.sock is not None:
+                loop.remove_reader(self._starter.sock.fileno())
+            return
+        child = self._by_pid.get(exited.pid)
+        if child is not None:
+            child.reaped = True
+            child.exitcode = exited.exitcode
+            self._maybe_finish(child)
+
+    def _maybe_finish(self, child: ChildProcess) -> None:
+        """Finish once the process is gone (pidfd) and its tree is gone (starter)."""
+        if not (child.exited and child.reaped):
+            return
+        if child.pid is not None:
+            self._by_pid.pop(child.pid, None)
+        if child.task_id is None:
+            self._discard(child)
+            return
+        self._finish(child)
+
+    def _finish(self, child: ChildProcess) -> None:
+        """Report the task's one outcome and free its slot."""
+        assert child.task_id is not None
+        outcome = self._outcome(child)
+        self._running.pop(child.task_id, None)
+        if not self._running:
+            self._idle.set()
+        child.close()
+        self.host.task_finished(child.task_id, outcome)
+
+    def _outcome(self, child: ChildProcess) -> Outcome:
+        """Decide the terminal state: a report before any kill wins, then the kill."""
+        final = child.final
+        if final is not None:
+            try:
+                state = TaskState(final.state)
+            except ValueError:
+                state = TaskState.FAILED
+            if state in (TaskState.NEW, TaskState.ACTIVE, TaskState.WAITING):
+                return Outcome(TaskState.FAILED, (f"bad final state {final.state!r}",))
+            notes = (final.reason,) if final.reason else ()
+            if final.error_type == "MemoryError" and child.max_memory:
+                notes = (f"memory limit exceeded (max_memory={child.max_memory} bytes): "
+                         f"{final.reason}",)
+            result = final.result_json if state is TaskState.SUCCEEDED else None
+            return Outcome(state, notes, result, final.traceback)
+        if child.forced is not None:
+            return Outcome(child.forced[0], (child.forced[1],))
+        hint = ""
+        if child.max_memory and child.exitcode is not None and child.exitcode < 0:
+            hint = f"possibly the max_memory limit of {child.max_memory} bytes"
+        return Outcome(TaskState.FAILED, (describe_exit(child.pid or 0, child.exitcode, hint),))
+
+    # -- cancel and kill -----------------------------------------------------
+
+    def cancel(self, task_id: str) -> None:
+        child = self._running.get(task_id)
+        if child is None:
+            return
+        try:
+            child.send(Cancel())
+        except OSError:
+            pass  # it is exiting; the pidfd tells
+        grace = self.host.cancel_grace
+        child.timers.append(asyncio.get_running_loop().call_later(
+            grace, self._kill, child, TaskState.CANCELED,
+            f"killed after cancel grace period ({grace:g} s)",
+            CONSTS.cancel_term_grace,
+        ))
+
+    def _kill(
+        self, child: ChildProcess, state: TaskState, reason: str,
+        term_grace: float = CONSTS.term_grace,
+    ) -> None:
+        """Decide the outcome and kill the tree: SIGTERM now, SIGKILL ``term_grace`` later."""
+        if child.killing or child.exited or child.final is not None or child.pid is None:
+            return
+        child.forced = (state, reason)
+        log.info("task %s: %s; killing process tree %d", child.task_id, reason, child.pid)
+        reaper.signal_tree(child.pid, signal.SIGTERM, child.pidfd)
+        child.timers.append(asyncio.get_running_loop().call_later(
+            term_grace, self._kill_hard, child,
+        ))
+
+    def _kill_hard(self, child: ChildProcess) -> None:
+        if not child.exited and child.pid is not None:
+            reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
+
+    def _protocol_violation(self, child: ChildProcess, what: str) -> None:
+        log.error("task process %s broke the protocol: %s", child.pid, what)
+        self._stop_reading(child)
+        if child.task_id is None:
+            if child.pid is not None and not child.exited:
+                reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
+            return
+        if not child.killing and not child.exited and child.pid is not None:
+            child.forced = (TaskState.FAILED, f"protocol error: {what}")
+            child.final = None
+            reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
+
+    def _discard(self, child: ChildProcess, replenish: bool = True) -> None:
+        """Forget a process that never took (or can no longer take) a task."""
+        loop = asyncio.get_running_loop()
+        self._spawning.discard(child)
+        if child in self._warm:
+            self._warm.remove(child)
+        if child.pidfd is not None:
+            try:
+                loop.remove_reader(child.pidfd)
+            except (ValueError, OSError):
+                pass
+            if not child.exited:
+                try:
+                    signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            loop.remove_reader(child.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        if child.pid is not None:
+            self._by_pid.pop(child.pid, None)
+        child.close()
+        if replenish:
+            self._replenish()
+
+    # -- the starter's death -------------------------------------------------
+
+    def _unwatch_starter(self) -> StarterProcess:
+        """Stop watching the starter's socket and pidfd; return it."""
+        loop = asyncio.get_running_loop()
+        starter = self._starter
+        for fd in (starter.pidfd, starter.sock.fileno() if starter.sock else None):
+            if fd is not None:
+                try:
+                    loop.remove_reader(fd)
+                except (ValueError, OSError):
+                    pass
+        return starter
+
+    def _on_starter_died(self) -> None:
+        """The starter is gone: kill what it can no longer clean, start another."""
+        loop = asyncio.get_running_loop()
+        starter = self._unwatch_starter()
+        code = starter.close()
+        if self._stopping:
+            return
+        log.error("the starter process died (exit code %s); restarting it", code)
+        for child in list(self._warm) + list(self._spawning):
+            self._discard(child, replenish=False)
+        reason = f"the starter process died (exit code {code}); task process tree killed"
+        for child in list(self._running.values()):
+            if child.final is None and not child.killing:
+                child.forced = (TaskState.FAILED, reason)
+            child.reaped = True  # nobody else will report it
+            if child.pid is not None and not child.exited:
+                reaper.kill_tree(child.pid, timeout=1.0)
+        if self.subreaper:
+            reaper.kill_adopted(exclude=set())
+        # NOTE: a starter that cannot even come up (say, workers fails to
+        # import) must not turn into a fork loop: back off, up to 5 s.
+        lived = loop.time() - self._starter_started
+        self._starter_failures = 0 if lived > 10 else self._starter_failures + 1
+        delay = min(5.0, 0.1 * (2 ** self._starter_failures)) if self._starter_failures > 1 else 0
+        loop.call_later(delay, self._restart_starter)
+        for child in list(self._running.values()):
+            self._maybe_finish(child)
+
+    def _restart_starter(self) -> None:
+        if not self._stopping:
+            self._start_starter()
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Steps 2-4 of terminate() for this machine; step 4 runs whatever happens."""
+        self._stopping = True
+        try:
+            await self._end_tasks()
+        finally:
+            await self._stop_starter()
+
+    async def _end_tasks(self) -> None:
+        """Steps 2 and 3 of terminate(): tell every task, wait the grace, kill the rest."""
+        running = list(self._running.values())
+        log.debug("terminate: telling %d children to cancel", len(running))
+        for child in running:
+            try:
+                child.send(Cancel())
+            except OSError:
+                pass
+        if self._running:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.host.cancel_grace)
+            except TimeoutError:
+                pass
+        # 3. SIGTERM each remaining tree, SIGKILL survivors (descendants first).
+        log.debug("terminate: killing %d remaining trees", len(self._running))
+        for child in list(self._running.values()):
+            self._kill(child, TaskState.CANCELED, "killed: the manager is terminating")
+        if self._running:
+            try:
+                await asyncio.wait_for(self._idle.wait(), CONSTS.terminate_slack)
+            except TimeoutError:
+                log.error("terminate: %d task trees did not end; killing by force",
+                          len(self._running))
+                for child in list(self._running.values()):
+                    if child.pid is not None:
+                        reaper.kill_tree(child.pid, timeout=1.0)
+                    child.exited = child.reaped = True
+                    self._finish(child)
+
+    async def _stop_starter(self) -> None:
+        """Step 4 of terminate(): stop the starter (it kills warm processes), close pipes."""
+        loop = asyncio.get_running_loop()
+        log.debug("terminate: stopping the starter")
+        starter = self._unwatch_starter()
+        starter.request_stop()
+        if starter.pidfd is not None:
+            exited = asyncio.Event()
+            loop.add_reader(starter.pidfd, exited.set)
+            try:
+                await asyncio.wait_for(exited.wait(), CONSTS.starter_stop_timeout)
+            except TimeoutError:
+                log.error("terminate: the starter did not stop; killing its tree")
+                if starter.pid is not None:
+                    reaper.kill_tree(starter.pid)
+            loop.remove_reader(starter.pidfd)
+        starter.close()
+        for child in list(self._warm) + list(self._spawning) + list(self._by_pid.values()):
+            for fd in (child.pidfd, child.sock.fileno()):
+                if fd is not None and fd >= 0:
+                    try:
+                        loop.remove_reader(fd)
+                    except (ValueError, OSError):
+                        pass
+            child.close()
+        self._warm.clear()
+        self._spawning.clear()
+        self._by_pid.clear()
+        if self.subreaper:
+            reaper.kill_adopted(exclude=set())
+
+    def kill_everything(self) -> None:
+        """Kill every task tree and the starter's tree."""
+        for child in list(self._by_pid.values()):
+            if child.pid is not None and not child.exited:
+                reaper.kill_tree(child.pid, timeout=1.0)
+        if self._starter.pid is not None:
+            reaper.kill_tree(self._starter.pid, timeout=1.0)
+        self._starter.close()
