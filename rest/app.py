@@ -33,6 +33,7 @@ from rest.operations import Operations
 from rest.resources import API_PREFIX, Health, TaskCancel, TaskCollection, TaskItem
 from rest.stream import EventStreams, TaskEvents
 from supervisor import (
+    BackendUnavailable,
     InvalidAnimator,
     InvalidArguments,
     ManagerTerminated,
@@ -50,6 +51,8 @@ log = logging.getLogger("housekeeping.rest")
 
 #: Seconds a client is asked to wait after 429 (queue full).
 RETRY_AFTER_QUEUE_FULL = 1
+#: Seconds a client is asked to wait after 503 because the backend (a cluster) is lost.
+RETRY_AFTER_BACKEND = 5
 
 #: Supervisor error -> (HTTP status, extra headers). Subclasses map like their base.
 DOMAIN_ERRORS: dict[type[Exception], tuple[int, dict[str, str]]] = {
@@ -59,6 +62,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, dict[str, str]]] = {
     UnsupportedOperation: (409, {}),
     QueueFull: (429, {"Retry-After": str(RETRY_AFTER_QUEUE_FULL)}),
     ManagerTerminated: (503, {}),
+    BackendUnavailable: (503, {"Retry-After": str(RETRY_AFTER_BACKEND)}),
 }
 
 

@@ -27,6 +27,7 @@ RET_INSECURE = 3  # Refused a non-loopback --host without --tokens (use --insecu
 RET_TOKENS = 4  # The --tokens file is unreadable or malformed.
 RET_ANIMATORS = 5  # An --animators spec is malformed, fails to import, or its function raised.
 RET_BIND = 6  # Could not listen on --host/--port.
+RET_DASK = 7  # --dask: distributed is not installed, or the scheduler cannot be reached.
 RET_WRONG_SUPERVISOR = 7  # `import supervisor` found another package (supervisord's).
 
 _SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--purge-delay", type=_seconds, default=60.0, metavar="S",
         help="seconds a finished task stays listed (default: %(default)s)")
     add("--max-workers", type=_positive, default=None, metavar="N",
-        help="tasks running at once (default: CPU count)")
+        help="tasks running at once (default: CPU count; with --dask, the cluster's "
+             "worker threads)")
     add("--max-queued", type=_count, default=None, metavar="N",
         help="tasks waiting for a slot before 429 (default: no limit)")
     add("--cancel-grace", type=_seconds, default=5.0, metavar="S",
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default: %(default)s)")
     add("--insecure", action="store_true",
         help="allow a non-loopback --host without --tokens (anyone may run tasks)")
+    add("--dask", metavar="ADDRESS",
+        help="run tasks on the Dask cluster whose scheduler is at ADDRESS "
+             "(e.g. tcp://10.0.0.5:8786); 'local' starts a LocalCluster on loopback "
+             "with a single-threaded worker process per CPU. Needs housekeeping[dask]")
     add("--no-demo", action="store_true", help="do not register the SLEEP and HASH demo animators")
     add("--metrics-token", metavar="TOKEN", default=os.environ.get("HOUSEKEEPING_METRICS_TOKEN"),
         help="bearer token that /metrics requires (default: $HOUSEKEEPING_METRICS_TOKEN; "
@@ -141,12 +147,19 @@ def serve(args: argparse.Namespace) -> int:
     from supervisor import Manager
 
     stop = install_signal_handlers()
-    manager = Manager(
-        purge_delay=args.purge_delay,
-        max_workers=args.max_workers,
-        max_queued=args.max_queued,
-        cancel_grace=args.cancel_grace,
-    )
+    backend = _backend(args.dask)
+    try:
+        manager = Manager(
+            purge_delay=args.purge_delay,
+            max_workers=args.max_workers,
+            max_queued=args.max_queued,
+            cancel_grace=args.cancel_grace,
+            backend=backend,
+        )
+    except BaseException:
+        if backend is not None:
+            backend.kill_everything()
+        raise
     try:
         for spec, register in registrars:
             try:
@@ -175,6 +188,30 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         manager.terminate()
     return RET_OK if ok else RET_FAILED
+
+
+def _backend(dask: str | None) -> Any:
+    """The backend ``--dask`` asks for (None: the local one).
+
+    Raises:
+        CommandError: distributed is not installed, or the scheduler is unreachable.
+    """
+    if dask is None:
+        return None
+    try:
+        from supervisor.dask_backend import DaskBackend
+    except ImportError as exc:
+        raise CommandError(RET_DASK, f"--dask needs the dask extra "
+                           f"(pip install 'housekeeping[dask]'): {exc}") from None
+    try:
+        if dask == "local":
+            backend = DaskBackend.local()
+        else:
+            backend = DaskBackend(dask)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CommandError(RET_DASK, f"--dask {dask}: cannot reach the scheduler: {exc}") from None
+    log.info("tasks run on the Dask cluster at %s", backend.address)
+    return backend
 
 
 def check_supervisor_package() -> None:

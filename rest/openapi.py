@@ -29,7 +29,8 @@ _ERRORS: dict[str, str] = {
     "413": f"The request body is larger than {MAX_BODY_BYTES} bytes.",
     "415": "The request body is not declared as UTF-8 JSON (Content-Type).",
     "429": "The queue of waiting tasks is full; retry after the given delay.",
-    "503": "The server is shutting down, or too many event streams are open.",
+    "503": "The server is shutting down, too many event streams are open, or the "
+           "backend cannot take tasks now (say, its Dask scheduler is unreachable).",
     "500": "An unexpected error; details are in the server log only.",
 }
 
@@ -198,7 +199,8 @@ def _responses() -> dict[str, Schema]:
         elif code == "503":
             response["headers"] = {"Retry-After": {**retry_after["Retry-After"],
                                                    "description": "Sent when the event stream "
-                                                   "limit is reached."}}
+                                                   "limit is reached or the backend is "
+                                                   "unavailable."}}
         responses[f"Error{code}"] = response
     return responses
 

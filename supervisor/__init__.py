@@ -1,12 +1,17 @@
 """housekeeping's supervisor: in-memory tasks, each run in a child process of its own.
 
-Embed it with ``from supervisor import Manager``; see the README.
+Embed it with ``from supervisor import Manager``; see the README. Tasks run on
+this machine by default, or on a Dask cluster with
+``Manager(backend=supervisor.dask_backend.DaskBackend(address))`` (the
+``housekeeping[dask]`` extra; only that module imports ``distributed``).
 """
 
 from __future__ import annotations
 
 from supervisor.animator import Animator
+from supervisor.backend import Backend
 from supervisor.errors import (
+    BackendUnavailable,
     HousekeepingError,
     InvalidAnimator,
     InvalidArguments,
@@ -15,14 +20,18 @@ from supervisor.errors import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.local import LocalBackend
 from supervisor.manager import Manager
 from supervisor.states import TaskState, is_terminal
 
 __all__ = [
     "Animator",
+    "Backend",
+    "BackendUnavailable",
     "HousekeepingError",
     "InvalidAnimator",
     "InvalidArguments",
+    "LocalBackend",
     "Manager",
     "ManagerTerminated",
     "QueueFull",

@@ -52,6 +52,7 @@ class LocalBackend(Backend):
     def __init__(self, *, subreaper: bool = False) -> None:
         self.subreaper = subreaper
         self._host: Host | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._running: dict[str, ChildProcess] = {}  # by task id
         self._by_pid: dict[int, ChildProcess] = {}  # every child with a known pid
@@ -74,6 +75,7 @@ class LocalBackend(Backend):
 
     async def open(self, host: Host) -> None:
         self._host = host
+        self._loop = asyncio.get_running_loop()
         self._warm_target = min(host.max_workers, CONSTS.warm_processes)
         self._start_starter()
 
@@ -300,6 +302,21 @@ class LocalBackend(Backend):
             f"killed after cancel grace period ({grace:g} s)",
             CONSTS.cancel_term_grace,
         ))
+
+    def kill_task(self, task_id: str, reason: str) -> None:
+        """Kill a running task's tree now, without a cancel grace (any thread).
+
+        The task ends CANCELED with ``reason`` unless it reported an outcome
+        first. Used where waiting is wrong, e.g. when a remote task's
+        supervisor is gone.
+        """
+        def kill() -> None:
+            child = self._running.get(task_id)
+            if child is not None:
+                self._kill(child, TaskState.CANCELED, reason, CONSTS.cancel_term_grace)
+
+        assert self._loop is not None, "the backend is not open"
+        self._loop.call_soon_threadsafe(kill)
 
     def _kill(
         self, child: ChildProcess, state: TaskState, reason: str,

@@ -207,6 +207,11 @@ class Manager(Supervision):
             InvalidArguments: also for any other exception from ``validate``
                 (chained as its ``__cause__``).
         """
+        return self._create_task(create)
+
+    def _create_task(self, create: dict[str, Any], task_id: str | None = None) -> str:
+        """run_task(), with the id chosen by the caller if it is free (remote runs keep
+        the supervisor's id, so an animator sees the same task on either backend)."""
         _check_create(create)
         with self._lock:
             self._check_open()
@@ -229,7 +234,9 @@ class Manager(Supervision):
                 would_wait = max(0, len(self._queue) + 1 - free)
                 if would_wait > self.max_queued:
                     raise QueueFull(f"queue full: {len(self._queue)} tasks already wait")
-            task = Task(self._table.new_id(create["operation"]), create)
+            while task_id is None or self._table.get(task_id) is not None:
+                task_id = self._table.new_id(create["operation"])
+            task = Task(task_id, create)
             self._table.add(task)
             self._queue.append(task.id)
             self._publish("POST", task)

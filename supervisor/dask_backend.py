@@ -1,0 +1,440 @@
+"""The Dask backend: run tasks on the workers of a Dask distributed cluster.
+
+Each task becomes one Dask task whose body, :func:`workers.remote.run_task_on_worker`,
+runs the animator through a Manager of the worker's own (the local backend),
+so a task gets on the worker what it gets here: a process of its own, its
+``timeout`` and ``max_memory``, crash detection and a whole-tree kill.
+
+Channels, all Dask's own (``distributed`` is imported only by this module and
+the worker side; install it with ``pip install housekeeping[dask]``):
+
+* reports: the worker's ``log_event`` on one topic per supervisor, which the
+  client subscribes to; ordered per task, counted so that the outcome is
+  recorded only after every report sent before it;
+* cancel: a ``distributed.Event`` per task; the worker side tells its task
+  process, waits ``cancel_grace``, kills the tree and reports CANCELED;
+* the outcome: the Dask future's result;
+* a lease: a ``distributed.Variable`` this supervisor renews every
+  ``heartbeat`` seconds; a worker that sees no renewal for ``lease_timeout``
+  seconds kills its task's tree (the supervisor died without terminating).
+
+A monitor thread renews the lease, and checks that the scheduler answers and
+that the worker of every running task is still in the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import distributed
+
+from supervisor.backend import Backend, Host, Launch, Outcome
+from supervisor.consts import CONSTS
+from supervisor.protocol import Note, Progress, StateChanged
+from supervisor.states import TaskState
+from workers.remote import run_task_on_worker
+
+log = logging.getLogger("housekeeping.dask")
+
+_PROGRESS_NAMES = {
+    "percentComplete": "percent_complete",
+    "totalBytes": "total_bytes",
+    "offsetBytes": "offset_bytes",
+    "transferredBytes": "transferred_bytes",
+}
+_STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+@dataclass
+class _Remote:
+    """The supervisor's view of one task on the cluster."""
+
+    key: str
+    future: Any = None
+    worker: str | None = None
+    received: int = 0  #: reports received so far
+    outcome: Outcome | None = None  #: known, waiting for reports still in flight
+    expected: int = 0  #: reports the worker side sent in all
+    canceled: bool = False
+    timer: asyncio.TimerHandle | None = None
+    names: tuple[str, str] = field(default=("", ""))  #: the cancel and started Events
+
+
+class DaskBackend(Backend):
+    """Run every task on a Dask cluster, each in a process of its own on a worker.
+
+    Args:
+        address: the scheduler's address, e.g. ``"tcp://10.0.0.5:8786"``, or a
+            ``distributed.LocalCluster`` (or any cluster object with an address).
+        heartbeat: seconds between renewals of the lease and checks of the cluster.
+        lease_timeout: seconds without a renewal after which workers kill this
+            supervisor's task trees.
+        unreachable_after: seconds without an answer from the scheduler after
+            which running tasks fail and new ones are refused.
+        connect_timeout: seconds to wait for the scheduler when connecting.
+
+    Raises:
+        OSError: the scheduler cannot be reached.
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        *,
+        heartbeat: float = 1.0,
+        lease_timeout: float = 6.0,
+        unreachable_after: float = 3.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._cluster: Any = None
+        if not isinstance(address, str):
+            self._cluster = address
+            address = address.scheduler_address
+        self.address: str = address
+        self.heartbeat = heartbeat
+        self.lease_timeout = lease_timeout
+        self.unreachable_after = unreachable_after
+        self._connect_timeout = connect_timeout
+        self._owns_cluster = False
+        self._id = uuid.uuid4().hex[:12]
+        self._topic = f"housekeeping-{self._id}"
+        self._lease_name = f"housekeeping-lease-{self._id}"
+        self._tasks: dict[str, _Remote] = {}
+        self._unavailable: str | None = None
+        self._stopping = threading.Event()
+        self._host: Host | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # NOTE: one thread for calls to the scheduler made on the loop's
+        # behalf (cancel, clean-up): they keep their order and never block it.
+        self._calls = concurrent.futures.ThreadPoolExecutor(1, "housekeeping-dask-call")
+        self._monitor: threading.Thread | None = None
+        self._client = self._connect()
+        self._lease = distributed.Variable(self._lease_name, client=self._client)
+        self._lease_count = 0
+        self._lease.set(self._lease_count)
+
+    @classmethod
+    def local(cls, n_workers: int | None = None, **options: Any) -> DaskBackend:
+        """Start a ``LocalCluster`` on loopback (worker processes, one thread each)
+        and run tasks on it; the cluster stops with the manager."""
+        cluster = distributed.LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True,
+            host="127.0.0.1", dashboard_address=None,
+        )
+        try:
+            backend = cls(cluster, **options)
+        except BaseException:
+            cluster.close()
+            raise
+        backend._owns_cluster = True
+        return backend
+
+    def _connect(self) -> distributed.Client:
+        client = distributed.Client(
+            self.address, set_as_default=False, timeout=self._connect_timeout
+        )
+        client.subscribe_topic(self._topic, self._on_event)
+        return client
+
+    # -- Backend --------------------------------------------------------------
+
+    @property
+    def host(self) -> Host:
+        assert self._host is not None, "the backend is not open"
+        return self._host
+
+    async def open(self, host: Host) -> None:
+        self._host = host
+        self._loop = asyncio.get_running_loop()
+        self._monitor = threading.Thread(
+            target=self._watch_cluster, name="housekeeping-dask-monitor", daemon=True
+        )
+        self._monitor.start()
+
+    def default_max_workers(self) -> int | None:
+        """The cluster's worker threads when the manager starts."""
+        workers = self._client.scheduler_info()["workers"].values()
+        return sum(int(worker.get("nthreads", 1)) for worker in workers) or None
+
+    def unavailable(self) -> str | None:
+        return self._unavailable
+
+    def can_start(self) -> bool:
+        return self._unavailable is None
+
+    def start(self, launch: Launch) -> bool:
+        registration = launch.registration
+        key = f"housekeeping-{self._id}-{launch.task_id}"
+        remote = _Remote(key, names=(f"{key}-cancel", f"{key}-started"))
+        create = {name: launch.task[name] for name in
+                  ("operation", "objectId", "serviceStates", "args") if name in launch.task}
+        spec = {
+            "task_id": launch.task_id,
+            "create": create,
+            "operation": launch.task["operation"],
+            "animator": registration.pickled,
+            "timeout": registration.timeout,
+            "max_memory": registration.max_memory,
+            "cancel_grace": self.host.cancel_grace,
+            "topic": self._topic,
+            "cancel": remote.names[0],
+            "started": remote.names[1],
+            "lease": self._lease_name,
+            "lease_timeout": self.lease_timeout,
+        }
+        try:
+            remote.future = self._client.submit(
+                run_task_on_worker, spec, key=key, pure=False, retries=0
+            )
+        except Exception as exc:  # the client is closed: the scheduler is gone
+            log.error("task %s: cannot submit to the Dask scheduler: %s", launch.task_id, exc)
+            self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable ({exc})")
+            return False
+        self._tasks[launch.task_id] = remote
+        self._idle.clear()
+        remote.future.add_done_callback(lambda future: self._on_done(launch.task_id, future))
+        log.info("task %s submitted to the Dask cluster at %s", launch.task_id, self.address)
+        return True
+
+    def cancel(self, task_id: str) -> None:
+        remote = self._tasks.get(task_id)
+        if remote is None or remote.canceled:
+            return
+        remote.canceled = True
+        self._call(distributed.Event(remote.names[0], client=self._client).set)
+
+    async def shutdown(self) -> None:
+        """Cancel every remote task, wait for the workers to end them; stop."""
+        try:
+            for task_id in list(self._tasks):
+                self.cancel(task_id)
+            if self._tasks:
+                try:
+                    await asyncio.wait_for(
+                        self._idle.wait(), self.host.cancel_grace + CONSTS.terminate_slack
+                    )
+                except TimeoutError:
+                    pass
+            for task_id, remote in list(self._tasks.items()):
+                # NOTE: unconfirmed (say, the worker is unreachable): the
+                # worker side kills the tree once the lease expires.
+                remote.outcome = Outcome(TaskState.CANCELED, (
+                    f"the manager is terminating; the Dask worker did not confirm the end, "
+                    f"its tree is killed when the lease expires ({self.lease_timeout:g} s)",))
+                self._finish(task_id)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self._close)
+
+    def kill_everything(self) -> None:
+        self._stopping.set()
+        self._close()
+
+    # -- reports and outcomes (loop thread) -----------------------------------
+
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A report from a worker (on the client's thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_report, event[1])
+
+    def _on_report(self, message: dict[str, Any]) -> None:
+        task_id = message.get("t")
+        remote = self._tasks.get(task_id) if isinstance(task_id, str) else None
+        if remote is None or task_id is None:
+            return
+        remote.received += 1
+        if "worker" in message:
+            remote.worker = str(message["worker"])
+        reports: list[Progress | StateChanged | Note] = [
+            Note(str(text)) for text in message.get("notes", ())]
+        if "state" in message:
+            reports.append(StateChanged(str(message["state"])))
+        if "progress" in message:
+            reports.append(_progress(message["progress"]))
+        for report in reports:
+            error = self.host.task_message(task_id, report)
+            if error is not None:
+                log.error("task %s: bad report from the Dask worker: %s", task_id, error)
+        if remote.outcome is not None and remote.received >= remote.expected:
+            self._finish(task_id)
+
+    def _on_done(self, task_id: str, future: Any) -> None:
+        """The Dask future is done (on Dask's callback thread): fetch the outcome."""
+        try:
+            payload: Any = future.result()
+            error: BaseException | None = None
+        except BaseException as exc:  # every failure becomes an outcome
+            payload, error = None, exc
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_outcome, task_id, payload, error)
+
+    def _on_outcome(self, task_id: str, payload: Any, error: BaseException | None) -> None:
+        remote = self._tasks.get(task_id)
+        if remote is None or remote.outcome is not None:
+            return
+        if error is not None or not isinstance(payload, dict):
+            remote.outcome = self._failure(remote, error)
+        elif payload.get("retry"):
+            remote.outcome = self._worker_lost(remote)
+        else:
+            remote.worker = payload.get("worker") or remote.worker
+            remote.outcome = Outcome(
+                TaskState(payload["state"]), tuple(payload.get("notes", ())),
+                payload.get("result_json"),
+            )
+        remote.expected = int(payload.get("sent", 0)) if isinstance(payload, dict) else 0
+        if remote.received >= remote.expected:
+            self._finish(task_id)
+        else:
+            # NOTE: reports travel on another channel; wait for them, not forever.
+            assert self._loop is not None
+            remote.timer = self._loop.call_later(2.0, self._finish, task_id)
+
+    def _failure(self, remote: _Remote, error: BaseException | None) -> Outcome:
+        if isinstance(error, distributed.client.FutureCancelledError | asyncio.CancelledError):
+            if self._unavailable is not None:
+                return Outcome(TaskState.FAILED, (self._unavailable,))
+            return Outcome(TaskState.FAILED, ("the Dask cluster canceled the task",))
+        if type(error).__name__ == "KilledWorker":
+            return self._worker_lost(remote)
+        where = f" on Dask worker {remote.worker}" if remote.worker else ""
+        return Outcome(TaskState.FAILED, (f"the Dask task failed{where}: {error!r}",))
+
+    def _worker_lost(self, remote: _Remote) -> Outcome:
+        worker = remote.worker or "(unknown)"
+        return Outcome(TaskState.FAILED, (
+            f"the Dask worker {worker} running the task died or was removed",))
+
+    def _finish(self, task_id: str) -> None:
+        remote = self._tasks.pop(task_id, None)
+        if remote is None:
+            return
+        if remote.timer is not None:
+            remote.timer.cancel()
+        if not self._tasks:
+            self._idle.set()
+        outcome = remote.outcome or Outcome(TaskState.FAILED, ("no outcome from the cluster",))
+        if remote.future is not None and not remote.future.done():
+            self._call(remote.future.cancel)
+        for name in remote.names:
+            self._call(distributed.Event(name, client=self._client).clear)
+        self.host.task_finished(task_id, outcome)
+
+    def _set_unavailable(self, reason: str | None) -> None:
+        """The scheduler went away (fail running tasks, refuse new) or came back."""
+        if reason == self._unavailable:
+            return
+        self._unavailable = reason
+        if reason is None:
+            log.warning("the Dask scheduler at %s answers again", self.address)
+        else:
+            log.error("%s; failing %d running tasks", reason, len(self._tasks))
+            for task_id, remote in list(self._tasks.items()):
+                remote.outcome = Outcome(TaskState.FAILED, (reason,))
+                self._finish(task_id)
+        self.host.backend_changed()
+
+    def _workers_gone(self, workers: set[str]) -> None:
+        for task_id, remote in list(self._tasks.items()):
+            if remote.worker is not None and remote.worker not in workers \
+                    and remote.outcome is None:
+                remote.outcome = self._worker_lost(remote)
+                self._finish(task_id)
+
+    def _call(self, call: Callable[[], Any]) -> None:
+        """Make a call to the scheduler off the loop, in order, ignoring failures."""
+        def run() -> None:
+            try:
+                call()
+            except Exception as exc:
+                log.debug("a call to the Dask scheduler failed: %s", exc)
+
+        try:
+            self._calls.submit(run)
+        except RuntimeError:
+            pass  # shut down
+
+    # -- the monitor thread ----------------------------------------------------
+
+    def _watch_cluster(self) -> None:
+        """Renew the lease; notice a lost scheduler and lost workers."""
+        assert self._loop is not None
+        last_answer = _now()
+        while not self._stopping.wait(self.heartbeat):
+            try:
+                if self._client.status in ("closed", "closing"):
+                    self._client = self._connect()
+                    self._lease = distributed.Variable(self._lease_name, client=self._client)
+                self._lease_count += 1
+                self._lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
+                scheduler = self._client.scheduler
+                assert scheduler is not None
+                identity = self._client.sync(
+                    scheduler.identity, n_workers=-1,
+                    callback_timeout=self.heartbeat * 2,
+                )
+            except Exception as exc:
+                if _now() - last_answer > self.unreachable_after:
+                    reason = (f"the Dask scheduler at {self.address} is unreachable "
+                              f"({type(exc).__name__}: {exc})".replace(" ()", ""))
+                    self._soon(self._set_unavailable, reason)
+                continue
+            last_answer = _now()
+            self._soon(self._set_unavailable, None)
+            self._soon(self._workers_gone, set(identity.get("workers", {})))
+
+    def _soon(self, function: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:
+            pass  # the loop is closed
+
+    def _close(self) -> None:
+        """Stop the monitor and the lease, close the client (and an owned cluster)."""
+        self._stopping.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.heartbeat * 3 + 1)
+        self._calls.shutdown(wait=True, cancel_futures=False)
+        try:
+            self._lease.delete()
+            self._client.unsubscribe_topic(self._topic)
+        except Exception:
+            pass
+        try:
+            self._client.close(timeout=5)
+        except Exception as exc:
+            log.debug("closing the Dask client: %s", exc)
+        if self._owns_cluster and self._cluster is not None:
+            try:
+                self._cluster.close(timeout=10)
+            except Exception as exc:
+                log.warning("closing the local Dask cluster: %s", exc)
+
+
+def _progress(wire: Any) -> Progress:
+    """The progress of a wire task as a report (wire names back to keywords)."""
+    values = {_PROGRESS_NAMES[name]: value for name, value in dict(wire).items()
+              if name in _PROGRESS_NAMES}
+    stamp = wire.get("timestamp")
+    try:
+        moment = datetime.datetime.strptime(stamp, _STAMP).replace(tzinfo=datetime.UTC)
+        timestamp = moment.timestamp()
+    except (TypeError, ValueError):
+        timestamp = 0.0
+    return Progress(values, timestamp)
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()

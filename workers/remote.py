@@ -1,0 +1,246 @@
+"""The worker side of the Dask backend: one task, run by a Manager of the worker's own.
+
+:func:`run_task_on_worker` is the body of the Dask task the supervisor
+submits. It hands the task to a :class:`~supervisor.Manager` with the local
+backend that lives in the Dask worker process (one per process, started at
+the first task), so the task runs exactly as it would on the supervisor's
+machine: a process of its own running the same ``workers`` child code, with
+its ``timeout``, ``max_memory``, crash detection and whole-tree kill.
+
+::
+
+    supervisor                 scheduler                  Dask worker process
+    ──────────                 ─────────                  ───────────────────
+    submit(spec) ─────────────▶ task ───────────────────▶ run_task_on_worker
+    Event(cancel).set() ──────▶ event ◀── wait ────────── watcher thread ── cancel_task
+    Variable(lease).set(n) ───▶ lease ◀── get ─────────── (lease lost → kill the tree)
+    subscribe_topic ◀───────── log_event ◀────────────── forwarder ◀── local events
+    future.result() ◀───────── outcome ◀──────────────── return {"state", ...}
+
+Reports are the local task's change events, already coalesced by the child
+(one per ``progress_interval``), turned into progress / state / note messages
+and sent with the worker's ``log_event``, which keeps their order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.errors import TaskNotFound
+from supervisor.local import LocalBackend
+from supervisor.manager import Manager
+from supervisor.states import TaskState, is_terminal
+
+log = logging.getLogger("housekeeping.remote")
+
+#: How often the watcher looks at the cancel Event and the supervisor's lease.
+WATCH_INTERVAL = 1.0
+#: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
+_LOCAL_SLOTS = 256
+
+
+class _Forwarder:
+    """Turns one local task's change events into ordered messages for the supervisor."""
+
+    def __init__(self, task_id: str, send: Callable[[dict[str, Any]], None]) -> None:
+        self.task_id = task_id
+        self._send = send
+        self.sent = 0
+        self.final: dict[str, Any] | None = None
+        self.done = threading.Event()
+        self._messages: list[dict[str, str]] = []
+        self._state = TaskState.NEW.value
+        self._progress: dict[str, Any] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._send({"t": self.task_id, "n": self.sent, **message})
+        self.sent += 1
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("method") not in ("POST", "PATCH") or self.done.is_set():
+            return
+        wire = event["task"]
+        notes = _new_messages(self._messages, wire["messages"])
+        self._messages = wire["messages"]
+        state = wire["state"]
+        changed = state != self._state
+        if changed:
+            # NOTE: the last new line is "State change A ⇒ B"; the supervisor's
+            # own transition writes it again, so it is not forwarded.
+            notes = notes[:-1]
+            self._state = state
+        texts = [note["message"] for note in notes]
+        if is_terminal(state):
+            result = json.dumps(wire["result"]) if state == TaskState.SUCCEEDED.value else None
+            self.final = {"state": state, "notes": texts, "result_json": result}
+            self.done.set()
+            return
+        message: dict[str, Any] = {}
+        if texts:
+            message["notes"] = texts
+        if changed and state in (TaskState.ACTIVE.value, TaskState.WAITING.value):
+            message["state"] = state
+        progress = wire.get("progress")
+        if progress is not None and progress != self._progress:
+            self._progress = progress
+            message["progress"] = progress
+        if message:
+            self.send(message)
+
+
+def _new_messages(
+    before: list[dict[str, str]], after: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """The messages of ``after`` that came after the last one of ``before``."""
+    if not before:
+        return list(after)
+    last = before[-1]
+    for index in range(len(after) - 1, -1, -1):
+        if after[index] == last:
+            return after[index + 1:]
+    return list(after)
+
+
+class _Local:
+    """This worker process's Manager, and the routing of its events to forwarders."""
+
+    def __init__(self, cancel_grace: float) -> None:
+        self.backend = LocalBackend()
+        self.manager = Manager(
+            purge_delay=0, max_workers=_LOCAL_SLOTS, cancel_grace=cancel_grace,
+            backend=self.backend,
+        )
+        self.lock = threading.Lock()
+        self._forwarders: dict[str, _Forwarder] = {}
+        self.manager.subscribe(self._route)
+
+    def _route(self, event: dict[str, Any]) -> None:
+        task = event.get("task")
+        if task is None:
+            return
+        with self.lock:
+            forwarder = self._forwarders.get(task["meta"]["id"])
+        if forwarder is not None:
+            forwarder.on_event(event)
+
+    def create(self, spec: dict[str, Any], animator: Any, forwarder: _Forwarder) -> str:
+        """Register the animator and create the task, routing its events to ``forwarder``."""
+        # NOTE: the lock spans registration and creation (another thread of
+        # this worker may register the same operation with other limits) and
+        # the route (the task's first events must find their forwarder).
+        with self.lock:
+            self.manager.register_animator(
+                spec["operation"], animator, spec["timeout"], spec["max_memory"]
+            )
+            local_id = self.manager._create_task(spec["create"], spec["task_id"])
+            self._forwarders[local_id] = forwarder
+        return local_id
+
+    def forget(self, local_id: str) -> None:
+        with self.lock:
+            self._forwarders.pop(local_id, None)
+
+
+_locals: dict[float, _Local] = {}
+_locals_lock = threading.Lock()
+
+
+def _local(cancel_grace: float) -> _Local:
+    with _locals_lock:
+        local = _locals.get(cancel_grace)
+        if local is None:
+            local = _locals[cancel_grace] = _Local(cancel_grace)
+        return local
+
+
+def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one task on this Dask worker; return its outcome.
+
+    ``spec`` (built by the supervisor's DaskBackend): ``task_id``, ``create``,
+    ``operation``, ``animator`` (pickled by reference), ``timeout``,
+    ``max_memory``, ``cancel_grace``, ``topic`` (for reports), ``cancel`` and
+    ``started`` (Event names), ``lease`` (Variable name), ``lease_timeout``.
+    """
+    import distributed
+
+    worker = distributed.get_worker()
+    client = distributed.get_client()
+    started = distributed.Event(spec["started"], client=client)
+    # NOTE: Dask re-runs a task whose worker died; the work may not be
+    # idempotent, so a second run refuses and the supervisor fails the task.
+    if started.is_set():
+        return {"retry": True, "worker": worker.address, "sent": 0}
+    started.set()
+
+    def send(message: dict[str, Any]) -> None:
+        worker.log_event(spec["topic"], message)
+
+    forwarder = _Forwarder(spec["task_id"], send)
+    forwarder.send({"worker": worker.address})
+    outcome = {"worker": worker.address}
+    try:
+        animator = pickle.loads(spec["animator"])
+        local = _local(spec["cancel_grace"])
+        local_id = local.create(spec, animator, forwarder)
+    except Exception as exc:
+        reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
+        return {**outcome, "state": TaskState.FAILED.value, "notes": [reason],
+                "result_json": None, "sent": forwarder.sent}
+    try:
+        _watch(spec, client, local, local_id, forwarder)
+    finally:
+        local.forget(local_id)
+    assert forwarder.final is not None
+    return {**outcome, **forwarder.final, "sent": forwarder.sent}
+
+
+def _watch(
+    spec: dict[str, Any], client: Any, local: _Local, local_id: str, forwarder: _Forwarder
+) -> None:
+    """Wait for the task's end; cancel it when asked; kill it if the supervisor is gone."""
+    import distributed
+
+    lease_seen = [time.monotonic()]
+    cancel = distributed.Event(spec["cancel"], client=client)
+    lease = distributed.Variable(spec["lease"], client=client)
+
+    def watch() -> None:
+        # NOTE: a thread of its own: a call to the scheduler may hang while
+        # it is unreachable, and the lease must still expire on time.
+        canceled = False
+        last = None
+        while not forwarder.done.is_set():
+            try:
+                if not canceled and cancel.wait(timeout=WATCH_INTERVAL):
+                    canceled = True
+                    try:
+                        local.manager.cancel_task(local_id)
+                    except TaskNotFound:
+                        pass
+                elif canceled:
+                    forwarder.done.wait(WATCH_INTERVAL)
+                value = lease.get(timeout=WATCH_INTERVAL)
+            except Exception:
+                forwarder.done.wait(WATCH_INTERVAL)
+                continue
+            if value != last:
+                last = value
+                lease_seen[0] = time.monotonic()
+
+    threading.Thread(target=watch, name=f"housekeeping-watch-{local_id}", daemon=True).start()
+    lease_timeout = float(spec["lease_timeout"])
+    while not forwarder.done.wait(0.25):
+        if time.monotonic() - lease_seen[0] > lease_timeout:
+            log.error("task %s: no heartbeat from its supervisor for %g s; killing its tree",
+                      local_id, lease_timeout)
+            local.backend.kill_task(
+                local_id, f"killed: the supervisor's lease expired (no heartbeat "
+                          f"for {lease_timeout:g} s)")
+            forwarder.done.wait()
+            break
