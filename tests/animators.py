@@ -387,3 +387,18 @@ class Daemon(Animator):
         daemon = _double_fork_daemon(_args(ops)["pidfile"])
         _ready(ops, children=[daemon])
         return _then(ops, _args(ops).get("mode", "wait"))
+
+
+class RunCounter(Animator):
+    """Append a line to ``args.file`` per run, then idle until canceled.
+
+    Shows whether a task was run twice (a backend that re-runs work after a crash).
+    """
+
+    def execute(self, ops: Any) -> Any:
+        with open(_args(ops)["file"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        _ready(ops)
+        while not ops.is_canceled():
+            time.sleep(0.01)
+        ops.set_state(TaskState.CANCELED)

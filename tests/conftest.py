@@ -193,7 +193,9 @@ def _new_processes(
         except psutil.Error:
             continue
         owner_chain = ancestors[: ancestors.index(me)] if me in ancestors else ancestors
-        if any(pid in old_pids for pid in owner_chain):
+        if any(pid in old_pids or pid in SESSION_PROCESSES for pid in owner_chain):
+            continue
+        if proc.pid in SESSION_PROCESSES:
             continue
         new.append(proc)
     return new
@@ -260,3 +262,62 @@ def manager() -> Iterator[Callable[..., Any]]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+# -- Dask ------------------------------------------------------------------------
+
+#: Pids whose whole subtree belongs to the session, not to a test (the Dask cluster).
+SESSION_PROCESSES: set[int] = set()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """The address of a LocalCluster on loopback: 2 worker processes, one thread each.
+
+    The cluster lives in a process of its own (tests/dask_cluster.py), so its
+    workers, and the task processes they start, are one subtree that the leak
+    check leaves to this fixture, and a test can kill a worker like any process.
+    """
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    # NOTE: the scheduler and the workers import workers.remote (by reference
+    # in every task) and the workers import the test animators.
+    path = os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(here, "dask_cluster.py")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)},
+    )
+    SESSION_PROCESSES.add(proc.pid)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().decode().strip()
+        assert address.startswith("tcp://"), f"the Dask cluster did not start: {address!r}"
+        yield address
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the cluster closes itself
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_processes([psutil.Process(proc.pid),
+                            *psutil.Process(proc.pid).children(recursive=True)])
+
+
+@pytest.fixture(params=["local", "dask"])
+def backend_manager(
+    request: pytest.FixtureRequest, manager: Callable[..., Any]
+) -> Callable[..., Any]:
+    """A Manager factory for the local backend and for the Dask backend (one test each)."""
+    if request.param == "local":
+        return manager
+    from supervisor.dask_backend import DaskBackend
+
+    address = request.getfixturevalue("dask_cluster")
+
+    def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("max_workers", 2)
+        return manager(backend=DaskBackend(address), **kwargs)
+
+    return make
