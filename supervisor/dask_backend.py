@@ -281,6 +281,11 @@ class DaskBackend(Backend):
         remote = self._tasks.get(task_id)
         if remote is None or remote.outcome is not None:
             return
+        if _canceled(error) and self._client.status != "running":
+            # NOTE: the client cancels every future when it loses the scheduler.
+            self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable "
+                                  f"(the connection was lost)")
+            return
         if error is not None or not isinstance(payload, dict):
             remote.outcome = self._failure(remote, error)
         elif payload.get("retry"):
@@ -300,9 +305,7 @@ class DaskBackend(Backend):
             remote.timer = self._loop.call_later(2.0, self._finish, task_id)
 
     def _failure(self, remote: _Remote, error: BaseException | None) -> Outcome:
-        if isinstance(error, distributed.client.FutureCancelledError | asyncio.CancelledError):
-            if self._unavailable is not None:
-                return Outcome(TaskState.FAILED, (self._unavailable,))
+        if _canceled(error):
             return Outcome(TaskState.FAILED, ("the Dask cluster canceled the task",))
         if type(error).__name__ == "KilledWorker":
             return self._worker_lost(remote)
@@ -369,11 +372,17 @@ class DaskBackend(Backend):
         """Renew the lease; notice a lost scheduler and lost workers."""
         assert self._loop is not None
         last_answer = _now()
+        answered = True
         while not self._stopping.wait(self.heartbeat):
             try:
                 if self._client.status in ("closed", "closing"):
+                    # NOTE: the client gave up reconnecting; keep trying anew.
                     self._client = self._connect()
                     self._lease = distributed.Variable(self._lease_name, client=self._client)
+                elif not answered:
+                    # NOTE: a reconnected client does not renew its topic
+                    # subscriptions (a restarted scheduler has none).
+                    self._client.subscribe_topic(self._topic, self._on_event)
                 self._lease_count += 1
                 self._lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
                 scheduler = self._client.scheduler
@@ -382,13 +391,15 @@ class DaskBackend(Backend):
                     scheduler.identity, n_workers=-1,
                     callback_timeout=self.heartbeat * 2,
                 )
-            except Exception as exc:
+            except Exception as exc:  # any failure is "no answer"
+                answered = False
                 if _now() - last_answer > self.unreachable_after:
                     reason = (f"the Dask scheduler at {self.address} is unreachable "
                               f"({type(exc).__name__}: {exc})".replace(" ()", ""))
                     self._soon(self._set_unavailable, reason)
                 continue
             last_answer = _now()
+            answered = True
             self._soon(self._set_unavailable, None)
             self._soon(self._workers_gone, set(identity.get("workers", {})))
 
@@ -419,6 +430,10 @@ class DaskBackend(Backend):
                 self._cluster.close(timeout=10)
             except Exception as exc:
                 log.warning("closing the local Dask cluster: %s", exc)
+
+
+def _canceled(error: BaseException | None) -> bool:
+    return isinstance(error, distributed.client.FutureCancelledError | asyncio.CancelledError)
 
 
 def _progress(wire: Any) -> Progress:

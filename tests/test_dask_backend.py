@@ -1,0 +1,233 @@
+"""What only the Dask backend has to survive: lost workers, a lost scheduler, a
+supervisor that dies without terminating. The behaviour both backends share is
+tested in test_backends.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import animators
+import distributed
+import psutil
+import pytest
+from conftest import (
+    SESSION_PROCESSES,
+    TIMEOUT,
+    kill_processes,
+    message_texts,
+    wait_for,
+    wait_state,
+    wait_terminal,
+)
+
+from supervisor import BackendUnavailable, Manager
+from supervisor.dask_backend import DaskBackend
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+
+
+def _gone(*pids: int) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def _ready(m: Any, task_id: str) -> dict[str, Any]:
+    return wait_for(lambda: animators.ready_info(m.get_task(task_id)))  # type: ignore[no-any-return]
+
+
+def _worker_of(task_pid: int) -> psutil.Process:
+    """The Dask worker process that runs a task process (task → starter → worker)."""
+    return psutil.Process(task_pid).parent().parent()
+
+
+def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
+    manager: Any, dask_cluster: str, tmp_path: Path
+) -> None:
+    m = manager(backend=DaskBackend(dask_cluster), max_workers=2)
+    m.register_animator("COUNT", animators.RunCounter())
+    m.register_animator("FORKER", animators.Forker())
+    runs = tmp_path / "runs"
+    task_id = m.run_task({"operation": "COUNT", "args": {"file": str(runs)}})
+    info = _ready(m, task_id)
+    worker = _worker_of(info["pid"])
+    assert "spawn_main" in " ".join(worker.cmdline())  # a LocalCluster worker process
+    worker.send_signal(signal.SIGKILL)
+    task = wait_terminal(m, task_id)
+    assert task["state"] == "FAILED"
+    assert any(text.startswith("the Dask worker tcp://127.0.0.1:")
+               and text.endswith("running the task died or was removed")
+               for text in message_texts(task)), task
+    wait_for(lambda: _gone(info["pid"]), timeout=10)  # its starter killed the tree
+    # Dask reschedules a task whose worker died; the second run must refuse.
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        def forgotten() -> bool:
+            keys = client.run_on_scheduler(
+                lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+            return not any(key.endswith(f"-{task_id}") for key in keys)
+
+        wait_for(forgotten)
+        client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny restarted it
+    assert runs.read_text().count("\n") == 1
+    # the cluster still serves
+    again = m.run_task({"operation": "FORKER", "args": {"mode": "return"}})
+    assert wait_terminal(m, again)["state"] == "SUCCEEDED"
+
+
+def test_supervisor_sigkilled_remote_trees_die_within_the_lease(dask_cluster: str) -> None:
+    lease = 4.0
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "dask_supervisor.py"), dask_cluster, str(lease)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        pids = json.loads(line)
+        assert len(pids) == 4 and not _gone(*pids)  # Forker + 2 children, Stubborn
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(TIMEOUT)
+        killed = time.monotonic()
+        wait_for(lambda: _gone(*pids), timeout=20)
+        assert time.monotonic() - killed < 10, "remote trees outlived the 10 s bound"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- a scheduler of our own, to lose and bring back -------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """A scheduler and workers as separate processes, so the scheduler can be killed."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def scheduler(self) -> None:
+        self._start("distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--dashboard-address", ":0")
+
+    def worker(self) -> None:
+        self._start("distributed.cli.dask_worker", self.address, "--nthreads", "1",
+                    "--host", "127.0.0.1", "--dashboard-address", ":0")
+
+    def _start(self, module: str, *args: str) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+
+    def wait_for_workers(self, count: int) -> None:
+        def ready() -> bool:
+            try:
+                with distributed.Client(self.address, set_as_default=False, timeout=2) as c:
+                    return len(c.scheduler_info()["workers"]) >= count
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, interval=0.2)
+
+    def close(self) -> None:
+        procs = []
+        for proc in self.procs:
+            try:
+                root = psutil.Process(proc.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        kill_processes(procs)
+        for proc in self.procs:
+            proc.wait(10)
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    cluster = Cluster()
+    try:
+        cluster.scheduler()
+        cluster.worker()
+        cluster.wait_for_workers(1)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
+    manager: Any, own_cluster: Cluster
+) -> None:
+    backend = DaskBackend(own_cluster.address, heartbeat=0.25, unreachable_after=1.0,
+                          lease_timeout=3.0, connect_timeout=5.0)
+    m = manager(backend=backend, max_workers=1, cancel_grace=0.5)
+    m.register_animator("COOP", animators.Cooperative())
+    m.register_animator("QUICK", animators.Quick())
+    running = m.run_task({"operation": "COOP"})
+    queued = m.run_task({"operation": "COOP"})
+    pid = _ready(m, running)["pid"]
+    assert m.get_task(queued)["state"] == "NEW"
+
+    own_cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
+    task = wait_terminal(m, running)
+    assert task["state"] == "FAILED"
+    reason = f"the Dask scheduler at {own_cluster.address} is unreachable"
+    assert any(text.startswith(reason) for text in message_texts(task)), message_texts(task)
+    assert wait_terminal(m, queued)["state"] == "FAILED"
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        m.run_task({"operation": "QUICK"})
+    wait_for(lambda: _gone(pid), timeout=10)  # the worker side's lease expired
+
+    own_cluster.procs[0].wait(10)
+    own_cluster.scheduler()  # the same address again
+    own_cluster.worker()
+
+    def accepted() -> str | None:
+        try:
+            return m.run_task({"operation": "QUICK"})
+        except BackendUnavailable:
+            return None
+
+    task_id = wait_for(accepted, timeout=60, interval=0.2)
+    done = wait_terminal(m, task_id, timeout=60)
+    assert done["state"] == "SUCCEEDED", done
+
+
+def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cluster) -> None:
+    backend = DaskBackend(own_cluster.address, heartbeat=0.25, unreachable_after=30.0,
+                          lease_timeout=3.0, connect_timeout=5.0)
+    m: Manager = manager(backend=backend, max_workers=1, cancel_grace=0.5)
+    m.register_animator("COOP", animators.Cooperative())
+    task_id = m.run_task({"operation": "COOP"})
+    pid = _ready(m, task_id)["pid"]
+    own_cluster.procs[0].send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    m.terminate()
+    assert time.monotonic() - started < 30
+    assert wait_state(m, task_id, "CANCELED", "FAILED")["state"] in ("CANCELED", "FAILED")
+    wait_for(lambda: _gone(pid), timeout=10)
+
+
+assert SESSION_PROCESSES is not None
