@@ -17,10 +17,10 @@ from typing import Any
 
 import animators
 import distributed
+import falcon.testing
 import psutil
 import pytest
 from conftest import (
-    SESSION_PROCESSES,
     TIMEOUT,
     kill_processes,
     message_texts,
@@ -29,6 +29,7 @@ from conftest import (
     wait_terminal,
 )
 
+import rest
 from supervisor import BackendUnavailable, Manager
 from supervisor.dask_backend import DaskBackend
 
@@ -198,6 +199,10 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     assert wait_terminal(m, queued)["state"] == "FAILED"
     with pytest.raises(BackendUnavailable, match="unreachable"):
         m.run_task({"operation": "QUICK"})
+    api = falcon.testing.TestClient(rest.create_app(m))
+    refused = api.simulate_post("/api/v1/tasks", json={"operation": "QUICK"})
+    assert refused.status_code == 503 and "unreachable" in refused.json["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
     wait_for(lambda: _gone(pid), timeout=10)  # the worker side's lease expired
 
     own_cluster.procs[0].wait(10)
@@ -230,4 +235,30 @@ def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cl
     wait_for(lambda: _gone(pid), timeout=10)
 
 
-assert SESSION_PROCESSES is not None
+
+# -- packaging and the command line ------------------------------------------------------
+
+
+def test_the_core_does_not_import_distributed() -> None:
+    code = (
+        "import sys, supervisor, workers.child, workers.starter, rest, rest.cli, rest.app\n"
+        "from supervisor import Manager\n"
+        "Manager(max_workers=1).terminate()\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('distributed', 'dask'))\n"
+        "print(loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                          text=True, timeout=TIMEOUT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_serve_with_an_unreachable_scheduler_exits_with_its_code() -> None:
+    from rest.cli import RET_DASK
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rest", "serve", "--port", "0", "--dask",
+         f"tcp://127.0.0.1:{_free_port()}"],
+        env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert done.returncode == RET_DASK, done.stderr
+    assert "cannot reach the scheduler" in done.stderr

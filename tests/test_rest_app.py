@@ -13,6 +13,7 @@ from rest_support import assert_error, make_client
 
 from rest import AlreadyRegistered, create_app, handlers_of, register_handlers
 from rest.app import install_error_handling
+from supervisor import BackendUnavailable
 
 TASKS = "/api/v1/tasks"
 
@@ -80,6 +81,14 @@ def test_terminating_manager_is_503() -> None:
     fake.terminated = True
     result = post_task(client, {"operation": "HASH"})
     assert_error(result.status_code, result.json, 503)
+
+
+def test_unavailable_backend_is_503_with_retry_after() -> None:
+    client, fake = make_client()
+    fake.broken["run_task"] = BackendUnavailable("the Dask scheduler at tcp://x:1 is unreachable")
+    result = post_task(client, {"operation": "HASH"})
+    assert_error(result.status_code, result.json, 503, "unreachable")
+    assert int(result.headers["Retry-After"]) >= 1
 
 
 def test_task_purged_before_the_answer_is_still_201() -> None:

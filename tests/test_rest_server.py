@@ -26,9 +26,11 @@ CANCEL_GRACE = 1.0  # what LiveServer passes as --cancel-grace
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
-    live = LiveServer("--max-workers", "2", "--max-streams", "2")
+@pytest.fixture(scope="module", params=["local", "dask"])
+def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """The server with tasks on this machine, and with tasks on ``--dask local``."""
+    backend = ["--dask", "local"] if request.param == "dask" else []
+    live = LiveServer("--max-workers", "2", "--max-streams", "2", *backend)
     try:
         live.start()
         yield live
@@ -114,6 +116,31 @@ def test_cancel(server: LiveServer) -> None:
     assert wait_state(server, task_id, TERMINAL)["state"] == "CANCELED"
     gone = server.post(f"{TASKS}/{task_id}/cancel")
     assert_error(gone.status_code, gone.json(), 404)
+
+
+def test_readme_walk_through(server: LiveServer) -> None:
+    """The README's walk-through, step by step (on either backend)."""
+    body = {"operation": "SLEEP", "objectId": "vol-42", "args": {"seconds": 30}}
+    task = create(server, body)
+    task_id = task["meta"]["id"]
+    assert task["state"] == "NEW" and task["objectId"] == "vol-42"
+    running = wait_for(lambda: (t := server.get(f"{TASKS}/{task_id}").json()).get("progress")
+                       and t)
+    assert running["state"] == "ACTIVE"
+    assert [m["message"] for m in running["messages"]] == ["State change NEW ⇒ ACTIVE"]
+    canceling = server.post(f"{TASKS}/{task_id}/cancel").json()
+    assert canceling["cancelRequested"] is True
+    done = wait_state(server, task_id, TERMINAL)
+    assert done["state"] == "CANCELED"
+    assert [m["message"] for m in done["messages"]][1:] == [
+        "the animator honoured the cancel", "State change ACTIVE ⇒ CANCELED"]
+    again = server.post(f"{TASKS}/{task_id}/cancel")
+    assert again.status_code == 404
+    assert again.json()["message"] == f"task '{task_id}' not found or already finished"
+    assert task_id in [t["meta"]["id"] for t in server.get(TASKS, params={"operation": "SLEEP"})
+                       .json()]
+    health = server.get("/healthz").json()
+    assert health["status"] == "ok" and health["CANCELED"] >= 1
 
 
 # -- every 4xx over the wire ---------------------------------------------------------
