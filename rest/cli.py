@@ -27,8 +27,8 @@ RET_INSECURE = 3  # Refused a non-loopback --host without --tokens (use --insecu
 RET_TOKENS = 4  # The --tokens file is unreadable or malformed.
 RET_ANIMATORS = 5  # An --animators spec is malformed, fails to import, or its function raised.
 RET_BIND = 6  # Could not listen on --host/--port.
-RET_DASK = 7  # --dask: distributed is not installed, or the scheduler cannot be reached.
 RET_WRONG_SUPERVISOR = 7  # `import supervisor` found another package (supervisord's).
+RET_DASK = 8  # --dask: distributed is not installed, or the scheduler cannot be reached.
 
 _SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -415,7 +415,9 @@ class DaskBackend(Backend):
         self._stopping.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=self.heartbeat * 3 + 1)
-        self._calls.shutdown(wait=True, cancel_futures=False)
+        # NOTE: with the scheduler gone, queued clean-up calls would each wait
+        # for a connection; drop them (a restarted scheduler has no Events left).
+        self._calls.shutdown(wait=True, cancel_futures=self._unavailable is not None)
         try:
             self._lease.delete()
             self._client.unsubscribe_topic(self._topic)
