@@ -27,6 +27,7 @@ BENCHMARKS = {
     "rest": "benchmarks.rest_api",
     "memory": "benchmarks.memory",
     "scaling": "benchmarks.scaling",
+    "dask": "benchmarks.dask_backend",
 }
 #: Hard time limit of one benchmark (seconds): quick, full.
 LIMITS = {"quick": 60.0, "full": 300.0}

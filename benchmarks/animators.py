@@ -27,6 +27,8 @@ CHILD_LIFETIME = 60.0
 POLL = 0.01
 #: Environment variable read by :func:`register_filled` (tasks to pre-fill).
 FILL_ENV = "HOUSEKEEPING_BENCH_FILL"
+#: The first (and only) message of :class:`Announce`.
+ANNOUNCED = "started"
 
 
 def _args(ops: TaskOps) -> dict[str, Any]:
@@ -81,6 +83,16 @@ class Started(Animator):
     def execute(self, ops: TaskOps) -> Any:
         """Return the time at once."""
         return time.monotonic()
+
+
+class Announce(Animator):
+    """Send the message :data:`ANNOUNCED` at once; return when ``execute`` began."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Report, then return the start time (CLOCK_MONOTONIC)."""
+        began = time.monotonic()
+        ops.message(ANNOUNCED)
+        return began
 
 
 class Cooperative(Animator):
@@ -143,6 +155,7 @@ def register(manager: Any) -> None:
     """Register the benchmark animators (``--animators benchmarks.animators:register``)."""
     manager.register_animator("NOOP", Noop())
     manager.register_animator("STARTED", Started())
+    manager.register_animator("ANNOUNCE", Announce())
     manager.register_animator("HOLD", Cooperative())
     manager.register_animator("STUBBORN", Stubborn())
     manager.register_animator("TREE", Tree())

@@ -99,6 +99,8 @@ class Table:
     scale: float = 1.0  #: samples are multiplied by this when printed (s → ms: 1000)
     digits: int = 2
     pairs: list[tuple[str, str]] | None = None
+    #: Heading of the ratios (a table whose pairs are not housekeeping ÷ a peer says so).
+    ratio_title: str = "ratio housekeeping ÷ peer"
 
     def row(self, name: str) -> Series:
         """The row called ``name`` (created empty if absent)."""
@@ -189,7 +191,7 @@ def print_section(section: Section, out: Callable[[str], None] = print) -> None:
             single = len({a.name for a, _ in pairs}) == 1
             labels = [b.name if single else _pair_label(a.name, b.name) for a, b in pairs]
             lw = max([width, *map(len, labels)])
-            out(f"    {'ratio housekeeping ÷ peer':<{lw}}  {'':>5}  {'median':>10}  {'p95':>10}")
+            out(f"    {table.ratio_title:<{lw}}  {'':>5}  {'median':>10}  {'p95':>10}")
             hib = table.higher_is_better
             for label, (mine, theirs) in zip(labels, pairs, strict=True):
                 out(f"      {label:<{lw - 2}}  {'':>5}  "

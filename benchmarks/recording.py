@@ -97,8 +97,11 @@ def wait_warm(manager: Any, timeout: float = TIMEOUT) -> None:
     the condition the start-latency figure is defined for, and nothing public
     tells it.
     """
-    target = getattr(manager, "_warm_target", 0)
-    wait_until(lambda: len(getattr(manager, "_warm", ())) >= target,
+    # NOTE: the warm processes belong to the local backend (a backend without
+    # them, e.g. Dask's, has nothing to wait for).
+    backend = getattr(manager, "_backend", manager)
+    target = getattr(backend, "_warm_target", 0)
+    wait_until(lambda: len(getattr(backend, "_warm", ())) >= target,
                "warm processes", timeout)
 
 

@@ -109,6 +109,7 @@ class DaskBackend(Backend):
         self._lease_name = f"housekeeping-lease-{self._id}"
         self._tasks: dict[str, _Remote] = {}
         self._unavailable: str | None = None
+        self._submit_failed = False  #: until the scheduler answers again
         self._stopping = threading.Event()
         self._host: Host | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,7 +171,7 @@ class DaskBackend(Backend):
         return self._unavailable
 
     def can_start(self) -> bool:
-        return self._unavailable is None
+        return self._unavailable is None and not self._submit_failed
 
     def start(self, launch: Launch) -> bool:
         registration = launch.registration
@@ -198,7 +199,10 @@ class DaskBackend(Backend):
             )
         except Exception as exc:  # the client is closed: the scheduler is gone
             log.error("task %s: cannot submit to the Dask scheduler: %s", launch.task_id, exc)
-            self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable ({exc})")
+            # NOTE: not at once: the host holds its lock while it starts a task.
+            self._submit_failed = True
+            self._soon(self._set_unavailable,
+                       f"the Dask scheduler at {self.address} is unreachable ({exc})")
             return False
         self._tasks[launch.task_id] = remote
         self._idle.clear()
@@ -334,6 +338,11 @@ class DaskBackend(Backend):
 
     def _set_unavailable(self, reason: str | None) -> None:
         """The scheduler went away (fail running tasks, refuse new) or came back."""
+        if reason is None and self._submit_failed:
+            self._submit_failed = False
+            if self._unavailable is None:
+                self.host.backend_changed()
+                return
         if reason == self._unavailable:
             return
         self._unavailable = reason

@@ -24,6 +24,7 @@ and sent with the worker's ``log_event``, which keeps their order.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import pickle
@@ -39,8 +40,11 @@ from supervisor.states import TaskState, is_terminal
 
 log = logging.getLogger("housekeeping.remote")
 
-#: How often the watcher looks at the cancel Event and the supervisor's lease.
-WATCH_INTERVAL = 1.0
+#: Longest wait on a task's cancel Event (it returns at once when the Event is
+#: set); bounds how long the waiting thread outlives its task.
+CANCEL_POLL = 0.25
+#: How often a worker process reads a supervisor's lease.
+LEASE_POLL = 1.0
 #: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
 _LOCAL_SLOTS = 256
 
@@ -119,6 +123,9 @@ class _Local:
         self.lock = threading.Lock()
         self._forwarders: dict[str, _Forwarder] = {}
         self.manager.subscribe(self._route)
+        # NOTE: a worker that closes in order ends its tasks in order too; one
+        # that is killed relies on the starter's PR_SET_PDEATHSIG.
+        atexit.register(self.manager.terminate)
 
     def _route(self, event: dict[str, Any]) -> None:
         task = event.get("task")
@@ -200,47 +207,99 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {**outcome, **forwarder.final, "sent": forwarder.sent}
 
 
+class _Lease:
+    """One supervisor's lease as this worker process sees it: when it last moved.
+
+    One thread per lease (not per task) reads the supervisor's Variable every
+    ``LEASE_POLL`` seconds while tasks of that supervisor run here.
+    """
+
+    def __init__(self, name: str, client: Any) -> None:
+        import distributed
+
+        self.name = name
+        self.seen = time.monotonic()
+        self.users = 0
+        self._variable = distributed.Variable(name, client=client)
+        threading.Thread(target=self._poll, name=f"housekeeping-lease-{name}",
+                         daemon=True).start()
+
+    def _poll(self) -> None:
+        last = None
+        while True:
+            with _leases_lock:
+                if self.users == 0:
+                    _leases.pop(self.name, None)
+                    return
+            try:
+                value = self._variable.get(timeout=LEASE_POLL)
+            except Exception:  # unreachable or deleted: the lease does not move
+                value = last
+            if value != last:
+                last = value
+                self.seen = time.monotonic()
+            time.sleep(LEASE_POLL)
+
+    def age(self) -> float:
+        """Seconds since the lease was last seen renewed."""
+        return time.monotonic() - self.seen
+
+
+_leases: dict[str, _Lease] = {}
+_leases_lock = threading.Lock()
+
+
+def _lease(name: str, client: Any) -> _Lease:
+    with _leases_lock:
+        lease = _leases.get(name)
+        if lease is None:
+            lease = _leases[name] = _Lease(name, client)
+        lease.users += 1
+        return lease
+
+
+def _release(lease: _Lease) -> None:
+    with _leases_lock:
+        lease.users -= 1
+
+
 def _watch(
     spec: dict[str, Any], client: Any, local: _Local, local_id: str, forwarder: _Forwarder
 ) -> None:
     """Wait for the task's end; cancel it when asked; kill it if the supervisor is gone."""
     import distributed
 
-    lease_seen = [time.monotonic()]
     cancel = distributed.Event(spec["cancel"], client=client)
-    lease = distributed.Variable(spec["lease"], client=client)
 
-    def watch() -> None:
+    def watch_cancel() -> None:
         # NOTE: a thread of its own: a call to the scheduler may hang while
-        # it is unreachable, and the lease must still expire on time.
-        canceled = False
-        last = None
+        # it is unreachable. Short waits, so that it ends soon after the task.
         while not forwarder.done.is_set():
             try:
-                if not canceled and cancel.wait(timeout=WATCH_INTERVAL):
-                    canceled = True
-                    try:
-                        local.manager.cancel_task(local_id)
-                    except TaskNotFound:
-                        pass
-                elif canceled:
-                    forwarder.done.wait(WATCH_INTERVAL)
-                value = lease.get(timeout=WATCH_INTERVAL)
+                if cancel.wait(timeout=CANCEL_POLL):
+                    break
             except Exception:
-                forwarder.done.wait(WATCH_INTERVAL)
-                continue
-            if value != last:
-                last = value
-                lease_seen[0] = time.monotonic()
+                forwarder.done.wait(CANCEL_POLL)
+        else:
+            return
+        try:
+            local.manager.cancel_task(local_id)
+        except TaskNotFound:
+            pass
 
-    threading.Thread(target=watch, name=f"housekeeping-watch-{local_id}", daemon=True).start()
+    threading.Thread(target=watch_cancel, name=f"housekeeping-cancel-{local_id}",
+                     daemon=True).start()
+    lease = _lease(spec["lease"], client)
     lease_timeout = float(spec["lease_timeout"])
-    while not forwarder.done.wait(0.25):
-        if time.monotonic() - lease_seen[0] > lease_timeout:
-            log.error("task %s: no heartbeat from its supervisor for %g s; killing its tree",
-                      local_id, lease_timeout)
-            local.backend.kill_task(
-                local_id, f"killed: the supervisor's lease expired (no heartbeat "
-                          f"for {lease_timeout:g} s)")
-            forwarder.done.wait()
-            break
+    try:
+        while not forwarder.done.wait(0.25):
+            if lease.age() > lease_timeout:
+                log.error("task %s: no heartbeat from its supervisor for %g s; "
+                          "killing its tree", local_id, lease_timeout)
+                local.backend.kill_task(
+                    local_id, f"killed: the supervisor's lease expired (no heartbeat "
+                              f"for {lease_timeout:g} s)")
+                forwarder.done.wait()
+                break
+    finally:
+        _release(lease)

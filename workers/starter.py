@@ -176,7 +176,10 @@ def serve(sock: socket.socket, parent: int) -> int:
 
 def _handle_request(starter: Starter, sock: socket.socket) -> bool:
     """Handle one request; False means stop."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
+    except ConnectionResetError:
+        return False  # the manager is gone, as with EOF
     if not data:
         return False
     message = decode(data)

@@ -1,0 +1,262 @@
+"""8. The Dask backend: housekeeping on a Dask cluster, next to its local backend.
+
+Both backends run the same trivial tasks with ``max_workers=2``, alternately,
+round after round, in one run:
+
+* local: ``Manager()``'s default backend, a process forked ahead of need on
+  this machine for each task;
+* Dask: ``Manager(backend=DaskBackend(cluster))`` on a ``LocalCluster`` of 2
+  worker processes of 1 thread each on loopback, started once per run and
+  closed at its end (its scheduler runs in this process). Each task is a Dask
+  task whose body hands it to a Manager in the worker process, which runs it
+  in a process of its own.
+
+Start latency: with the Dask backend a task is ACTIVE as soon as it is
+submitted, so ACTIVE says nothing about the child. The figure is ``run_task``
+until a subscriber sees the child's first message (the animator sends one at
+once); the same tasks also give ``run_task`` until ``execute`` begins (the
+child's CLOCK_MONOTONIC: the cluster is on this machine) and until SUCCEEDED
+(one trivial task end to end, one at a time).
+
+Isolated throughput: a batch of trivial tasks submitted at once, 2 at a time;
+the sample is the batch's rate, from the first ``run_task`` to the last
+SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+from benchmarks import animators
+from benchmarks.common import _HELPERS, Approach, Options, Section, Series, Table, alternate
+from benchmarks.recording import Recorder, recorded_manager, wait_warm
+from benchmarks.throughput import ManagerBatch
+
+TITLE = "8. Dask backend"
+WORKERS = 2
+#: Tasks run and thrown away after each set-up (imports, first fork, first Dask task).
+WARMUP = 3
+#: Sleep before each start sample, the same for both backends, so that each starts idle.
+PAUSE = 0.05
+#: Seconds the worker side may still be busy after a task ended: its cancel
+#: watcher waits on the task's Event up to ``workers.remote.CANCEL_POLL`` (0.25 s)
+#: before it sees the end. A Dask manager waits this long before it terminates,
+#: so that its rounds leave no work behind in the scheduler (which runs in this
+#: process) for the next round.
+SETTLE = 0.5
+#: Seconds the cluster's processes get to end after ``close()``.
+CLOSE_GRACE = 5.0
+
+LOCAL = "housekeeping, local backend"
+DASK = f"housekeeping, Dask backend (LocalCluster {WORKERS}×1)"
+
+#: A backend factory: None means the Manager's default (local) backend.
+BackendFactory = Callable[[], Any]
+
+
+def _manager(factory: BackendFactory, recorder: Recorder, operation: str,
+             animator: Any) -> Any:
+    """A recorded Manager(max_workers=2) on the factory's backend, warmed up."""
+    backend = factory()
+    try:
+        return recorded_manager(
+            lambda m: m.register_animator(operation, animator), recorder,
+            warmup=operation, max_workers=WORKERS, purge_delay=600, backend=backend,
+        )
+    except BaseException:
+        if backend is not None:
+            backend.kill_everything()  # idempotent; the manager may never have had it
+        raise
+
+
+class StartLatency(Approach):
+    """run_task → the child's first message seen; → execute() begins; → SUCCEEDED seen."""
+
+    pause = PAUSE
+
+    def __init__(self, name: str, factory: BackendFactory, settle: float,
+                 began: Table, ended: Table) -> None:
+        self.name = name
+        self.factory = factory
+        self.settle = settle
+        self.began = began
+        self.ended = ended
+
+    def __enter__(self) -> StartLatency:
+        self.announced: dict[str, float] = {}
+        self.recorder = Recorder(watch=self._watch)
+        self.manager = _manager(self.factory, self.recorder, "ANNOUNCE", animators.Announce())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _settle_and_terminate(self.manager, self.settle, exc[0] is None)
+
+    def _watch(self, task: dict[str, Any], now: float) -> None:
+        """Note when the child's message is first seen (under the recorder's lock)."""
+        task_id = task["meta"]["id"]
+        if task_id not in self.announced and any(
+                line["message"] == animators.ANNOUNCED for line in task["messages"]):
+            self.announced[task_id] = now
+
+    def sample(self) -> float:
+        wait_warm(self.manager)  # local: its warm processes are ready again
+        start = time.monotonic()
+        task_id = self.manager.run_task({"operation": "ANNOUNCE"})
+        if self.recorder.wait_end(task_id) != "SUCCEEDED":
+            raise RuntimeError(f"{self.name}: trivial task {task_id} did not succeed: "
+                               f"{self.manager.get_task(task_id)['messages'][-3:]}")
+        self.recorder.wait_for(lambda: task_id in self.announced,
+                               f"the message of {task_id}")
+        began = float(self.manager.get_task(task_id)["result"])
+        self.began.row(self.name).samples.append(began - start)
+        self.ended.row(self.name).samples.append(
+            (self.recorder.when(task_id, "SUCCEEDED") or 0.0) - start)
+        return self.announced[task_id] - start
+
+
+class BackendBatch(ManagerBatch):
+    """Manager(max_workers=2) on a given backend: a batch of trivial tasks at once."""
+
+    def __init__(self, name: str, factory: BackendFactory, settle: float, tasks: int,
+                 cpu: Table) -> None:
+        super().__init__(name, tasks, cpu)
+        self.factory = factory
+        self.settle = settle
+
+    def __enter__(self) -> BackendBatch:
+        self.recorder = Recorder()
+        self.manager = _manager(self.factory, self.recorder, "NOOP", animators.Noop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _settle_and_terminate(self.manager, self.settle, exc[0] is None)
+
+
+def _settle_and_terminate(manager: Any, settle: float, ok: bool) -> None:
+    """Wait ``settle`` seconds (not on error), then terminate the manager, always."""
+    try:
+        if ok:
+            time.sleep(settle)
+    finally:
+        manager.terminate()
+
+
+def _table(title: str, unit: str, **options: Any) -> Table:
+    """A table of the two backends, local first, with the ratio Dask ÷ local."""
+    return Table(title, unit, [Series(LOCAL), Series(DASK)], pairs=[(DASK, LOCAL)],
+                 ratio_title="ratio Dask ÷ local", **options)
+
+
+def _descendants() -> list[psutil.Process]:
+    """Every live process below this one, but the interpreter's helpers."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if not any(h in " ".join(child.cmdline()) for h in _HELPERS):
+                found.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Keep distributed's INFO chatter (cluster start and stop) out of the report."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run(options: Options) -> Section:
+    """Measure both backends' start latency and isolated throughput, alternately."""
+    # NOTE: imported here: distributed is optional (housekeeping[dask]); without
+    # it this benchmark fails alone and the others still run.
+    import distributed
+
+    from supervisor.dask_backend import DaskBackend
+
+    rounds = options.pick(2, 5)
+    per_round = options.pick(12, 40)
+    batch_rounds = options.pick(2, 4)
+    tasks = options.pick(200, 1000) // batch_rounds
+
+    first = _table("start: run_task → the child's first message seen by a subscriber",
+                   "ms", scale=1000, digits=3)
+    began = _table("start: run_task → execute() begins in the child", "ms",
+                   scale=1000, digits=3)
+    ended = _table("one trivial task end to end: run_task → SUCCEEDED seen", "ms",
+                   scale=1000, digits=3)
+    rates = _table(f"isolated throughput: tasks per second ({tasks} per sample, "
+                   f"{WORKERS} at a time)", "tasks/s", higher_is_better=True, digits=0)
+    cpu = _table("CPU time of this process per task (Dask: with the LocalCluster's "
+                 "scheduler)", "ms", scale=1000, digits=3)
+    section = Section(TITLE, [first, began, ended, rates, cpu])
+
+    with _quiet_distributed():
+        before = {p.pid for p in _descendants()}
+        started = time.monotonic()
+        cluster = distributed.LocalCluster(
+            n_workers=WORKERS, threads_per_worker=1, processes=True,
+            host="127.0.0.1", dashboard_address=None,
+        )
+        cluster_up = time.monotonic() - started
+        try:
+            def local() -> None:
+                return None
+
+            def dask() -> Any:
+                return DaskBackend(cluster)
+
+            alternate([StartLatency(LOCAL, local, 0.0, began, ended),
+                       StartLatency(DASK, dask, SETTLE, began, ended)],
+                      rounds, per_round, first)
+            alternate([BackendBatch(LOCAL, local, 0.0, tasks, cpu),
+                       BackendBatch(DASK, dask, SETTLE, tasks, cpu)],
+                      batch_rounds, 1, rates)
+        finally:
+            mine = [p for p in _descendants() if p.pid not in before]
+            try:
+                cluster.close(timeout=30)
+            finally:
+                _, alive = psutil.wait_procs(mine, timeout=CLOSE_GRACE)
+                left = []
+                for process in alive:
+                    with contextlib.suppress(psutil.Error):
+                        left.append(f"{process.pid} {' '.join(process.cmdline())[:60]}")
+                        process.kill()
+                section.facts["processes of the cluster alive after close()"] = (
+                    f"{len(left)} of {len(mine)} (killed): {'; '.join(left)}" if left
+                    else f"none of {len(mine)}")
+
+    section.facts["distributed"] = importlib.metadata.version("distributed")
+    section.facts["LocalCluster start"] = f"{cluster_up:.2f} s"
+    section.facts["start samples per backend"] = rounds * per_round
+    section.facts["tasks per backend (throughput)"] = tasks * batch_rounds
+    section.notes += [
+        f"Dask: LocalCluster(n_workers={WORKERS}, threads_per_worker=1, processes=True) "
+        "on 127.0.0.1, started once and shared by every round; each round makes a new "
+        "Manager(backend=DaskBackend(cluster), max_workers=2); the local rows use "
+        "Manager(max_workers=2), measured while the idle cluster is up",
+        "start: a Dask task is ACTIVE at submission, so the start figure is run_task until "
+        "a subscriber sees the child's first message (sent at once); execute() begins is "
+        "the child's clock; SUCCEEDED is the same task end to end; one task at a time, "
+        f"after {WARMUP} warm-up tasks per set-up and a {PAUSE * 1000:g} ms pause "
+        "(local: and its warm processes ready again)",
+        "throughput: every task in a fresh process on both backends; from the first "
+        "run_task to the last SUCCEEDED event",
+        f"a Dask manager waits {SETTLE:g} s before it terminates, until the worker side "
+        "of its last tasks is done with the scheduler (not measured)",
+        "CPU: time.process_time() of the benchmark process, which also runs the "
+        "LocalCluster's scheduler; the worker processes and the task processes are not "
+        "counted",
+    ]
+    return section
