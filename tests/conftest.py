@@ -193,9 +193,9 @@ def _new_processes(
         except psutil.Error:
             continue
         owner_chain = ancestors[: ancestors.index(me)] if me in ancestors else ancestors
-        if any(pid in old_pids or pid in SESSION_PROCESSES for pid in owner_chain):
+        if any(pid in old_pids or pid in SHARED_PROCESSES for pid in owner_chain):
             continue
-        if proc.pid in SESSION_PROCESSES:
+        if proc.pid in SHARED_PROCESSES:
             continue
         new.append(proc)
     return new
@@ -266,11 +266,11 @@ def manager() -> Iterator[Callable[..., Any]]:
 
 # -- Dask ------------------------------------------------------------------------
 
-#: Pids whose whole subtree belongs to the session, not to a test (the Dask cluster).
-SESSION_PROCESSES: set[int] = set()
+#: Pids whose whole subtree belongs to a shared fixture, not to a test (a Dask cluster).
+SHARED_PROCESSES: set[int] = set()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[str]:
     """The address of a LocalCluster on loopback: 2 worker processes, one thread each.
 
@@ -289,7 +289,7 @@ def dask_cluster() -> Iterator[str]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)},
     )
-    SESSION_PROCESSES.add(proc.pid)
+    SHARED_PROCESSES.add(proc.pid)
     try:
         assert proc.stdout is not None
         address = proc.stdout.readline().decode().strip()
@@ -303,6 +303,7 @@ def dask_cluster() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             kill_processes([psutil.Process(proc.pid),
                             *psutil.Process(proc.pid).children(recursive=True)])
+        SHARED_PROCESSES.discard(proc.pid)
 
 
 @pytest.fixture(params=["local", "dask"])
