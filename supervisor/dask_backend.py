@@ -29,6 +29,7 @@ import concurrent.futures
 import datetime
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ _PROGRESS_NAMES = {
     "transferredBytes": "transferred_bytes",
 }
 _STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
+#: Seconds ``terminate()`` lets queued calls to the scheduler (cancel, clean-up) finish.
+CALLS_DRAIN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -64,6 +67,8 @@ class _Remote:
     outcome: Outcome | None = None  #: known, waiting for reports still in flight
     expected: int = 0  #: reports the worker side sent in all
     canceled: bool = False
+    confirmed: bool = False  #: the outcome came from the worker side
+    worker_since: float = 0.0  #: when ``worker`` was learned (time.monotonic())
     timer: asyncio.TimerHandle | None = None
     names: tuple[str, str] = field(default=("", ""))  #: the cancel and started Events
 
@@ -110,6 +115,10 @@ class DaskBackend(Backend):
         self._tasks: dict[str, _Remote] = {}
         self._unavailable: str | None = None
         self._submit_failed = False  #: until the scheduler answers again
+        #: cancel Events still to set: tasks that ended here without word from
+        #: their worker side, which may still run them (set once reachable).
+        self._orphans: list[str] = []
+        self._orphans_lock = threading.Lock()
         self._stopping = threading.Event()
         self._host: Host | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -199,10 +208,9 @@ class DaskBackend(Backend):
             )
         except Exception as exc:  # the client is closed: the scheduler is gone
             log.error("task %s: cannot submit to the Dask scheduler: %s", launch.task_id, exc)
-            # NOTE: not at once: the host holds its lock while it starts a task.
+            # NOTE: no more starts until the monitor hears from the scheduler
+            # again (or gives up on it and fails the queue).
             self._submit_failed = True
-            self._soon(self._set_unavailable,
-                       f"the Dask scheduler at {self.address} is unreachable ({exc})")
             return False
         self._tasks[launch.task_id] = remote
         self._idle.clear()
@@ -216,6 +224,10 @@ class DaskBackend(Backend):
             return
         remote.canceled = True
         self._call(distributed.Event(remote.names[0], client=self._client).set)
+        if remote.received == 0 and remote.future is not None:
+            # NOTE: not started on a worker yet (as far as we know): take it off
+            # Dask's queue; if it did just start, the Event stops it there.
+            self._call(remote.future.cancel)
 
     async def shutdown(self) -> None:
         """Cancel every remote task, wait for the workers to end them; stop."""
@@ -258,6 +270,7 @@ class DaskBackend(Backend):
         remote.received += 1
         if "worker" in message:
             remote.worker = str(message["worker"])
+            remote.worker_since = time.monotonic()
         reports: list[Progress | StateChanged | Note] = [
             Note(str(text)) for text in message.get("notes", ())]
         if "state" in message:
@@ -290,12 +303,16 @@ class DaskBackend(Backend):
             self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable "
                                   f"(the connection was lost)")
             return
-        if error is not None or not isinstance(payload, dict):
+        if _canceled(error) and remote.canceled:
+            remote.outcome = Outcome(TaskState.CANCELED, (
+                "canceled before it started on a Dask worker",))
+        elif error is not None or not isinstance(payload, dict):
             remote.outcome = self._failure(remote, error)
         elif payload.get("retry"):
             remote.outcome = self._worker_lost(remote)
         else:
             remote.worker = payload.get("worker") or remote.worker
+            remote.confirmed = True
             remote.outcome = Outcome(
                 TaskState(payload["state"]), tuple(payload.get("notes", ())),
                 payload.get("result_json"),
@@ -330,10 +347,18 @@ class DaskBackend(Backend):
         if not self._tasks:
             self._idle.set()
         outcome = remote.outcome or Outcome(TaskState.FAILED, ("no outcome from the cluster",))
-        if remote.future is not None and not remote.future.done():
-            self._call(remote.future.cancel)
-        for name in remote.names:
-            self._call(distributed.Event(name, client=self._client).clear)
+        if remote.confirmed:
+            # the worker side is done with the task: its Events can go
+            for name in remote.names:
+                self._call(distributed.Event(name, client=self._client).clear)
+        else:
+            # NOTE: the worker side may still run the task (an outage, a lost
+            # report): tell it to stop. Both Events stay, as tombstones: a
+            # late (re-)run of the task sees them and does not run it.
+            if remote.future is not None and not remote.future.done():
+                self._call(remote.future.cancel)
+            with self._orphans_lock:
+                self._orphans.append(remote.names[0])
         self.host.task_finished(task_id, outcome)
 
     def _set_unavailable(self, reason: str | None) -> None:
@@ -351,14 +376,15 @@ class DaskBackend(Backend):
         else:
             log.error("%s; failing %d running tasks", reason, len(self._tasks))
             for task_id, remote in list(self._tasks.items()):
-                remote.outcome = Outcome(TaskState.FAILED, (reason,))
+                remote.outcome = remote.outcome or Outcome(TaskState.FAILED, (reason,))
                 self._finish(task_id)
         self.host.backend_changed()
 
-    def _workers_gone(self, workers: set[str]) -> None:
+    def _workers_gone(self, workers: set[str], asked: float) -> None:
+        """Fail the tasks whose worker left the cluster (as of ``asked``)."""
         for task_id, remote in list(self._tasks.items()):
             if remote.worker is not None and remote.worker not in workers \
-                    and remote.outcome is None:
+                    and remote.outcome is None and remote.worker_since < asked:
                 remote.outcome = self._worker_lost(remote)
                 self._finish(task_id)
 
@@ -380,37 +406,53 @@ class DaskBackend(Backend):
     def _watch_cluster(self) -> None:
         """Renew the lease; notice a lost scheduler and lost workers."""
         assert self._loop is not None
-        last_answer = _now()
-        answered = True
+        last_answer = time.monotonic()
+        scheduler_id = None
         while not self._stopping.wait(self.heartbeat):
+            asked = time.monotonic()
             try:
                 if self._client.status in ("closed", "closing"):
                     # NOTE: the client gave up reconnecting; keep trying anew.
-                    self._client = self._connect()
-                    self._lease = distributed.Variable(self._lease_name, client=self._client)
-                elif not answered:
-                    # NOTE: a reconnected client does not renew its topic
-                    # subscriptions (a restarted scheduler has none).
-                    self._client.subscribe_topic(self._topic, self._on_event)
+                    client = self._connect()
+                    if self._stopping.is_set():
+                        client.close()
+                        return
+                    self._client = client
+                    self._lease = distributed.Variable(self._lease_name, client=client)
                 self._lease_count += 1
                 self._lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
                 scheduler = self._client.scheduler
                 assert scheduler is not None
                 identity = self._client.sync(
-                    scheduler.identity, n_workers=-1,
-                    callback_timeout=self.heartbeat * 2,
+                    scheduler.identity, n_workers=-1, callback_timeout=self.heartbeat * 2,
                 )
+                if scheduler_id is not None and identity.get("id") != scheduler_id:
+                    # NOTE: a client reconnected to a restarted scheduler does
+                    # not renew its topic subscriptions; the new one has none.
+                    self._client.subscribe_topic(self._topic, self._on_event)
+                scheduler_id = identity.get("id")
+                self._set_orphans()
             except Exception as exc:  # any failure is "no answer"
-                answered = False
-                if _now() - last_answer > self.unreachable_after:
+                if time.monotonic() - last_answer > self.unreachable_after:
                     reason = (f"the Dask scheduler at {self.address} is unreachable "
                               f"({type(exc).__name__}: {exc})".replace(" ()", ""))
                     self._soon(self._set_unavailable, reason)
                 continue
-            last_answer = _now()
-            answered = True
+            last_answer = time.monotonic()
             self._soon(self._set_unavailable, None)
-            self._soon(self._workers_gone, set(identity.get("workers", {})))
+            self._soon(self._workers_gone, set(identity.get("workers", {})), asked)
+
+    def _set_orphans(self) -> None:
+        """Set the cancel Event of each task that ended here without its worker's word."""
+        with self._orphans_lock:
+            names, self._orphans = self._orphans, []
+        for index, name in enumerate(names):
+            try:
+                distributed.Event(name, client=self._client).set()
+            except Exception:
+                with self._orphans_lock:
+                    self._orphans[:0] = names[index:]  # again at the next answer
+                raise
 
     def _soon(self, function: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -424,9 +466,14 @@ class DaskBackend(Backend):
         self._stopping.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=self.heartbeat * 3 + 1)
-        # NOTE: with the scheduler gone, queued clean-up calls would each wait
-        # for a connection; drop them (a restarted scheduler has no Events left).
-        self._calls.shutdown(wait=True, cancel_futures=self._unavailable is not None)
+        # NOTE: let the queued calls to the scheduler finish, for a while: with
+        # the scheduler gone each would wait for a connection.
+        drained = self._calls.submit(lambda: None)
+        try:
+            drained.result(timeout=CALLS_DRAIN_TIMEOUT)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            log.warning("closing: calls to the Dask scheduler still pending; dropped")
+        self._calls.shutdown(wait=False, cancel_futures=True)
         try:
             self._lease.delete()
             self._client.unsubscribe_topic(self._topic)
@@ -459,8 +506,3 @@ def _progress(wire: Any) -> Progress:
         timestamp = 0.0
     return Progress(values, timestamp)
 
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()

@@ -90,14 +90,12 @@ class Manager(Supervision):
     ) -> None:
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
-        if backend is None:
-            backend = LocalBackend(subreaper=subreaper)
-        elif subreaper:
-            raise ValueError("subreaper applies to the local backend only")
-        if not isinstance(backend, Backend):
+        if backend is not None and not isinstance(backend, Backend):
             raise TypeError(f"backend must be a supervisor.backend.Backend, not {backend!r}")
+        if backend is not None and subreaper:
+            raise ValueError("subreaper applies to the local backend only")
         if max_workers is None:
-            max_workers = backend.default_max_workers() or os.cpu_count() or 1
+            max_workers = (backend and backend.default_max_workers()) or os.cpu_count() or 1
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
             raise ValueError("max_workers must be an integer >= 1")
         if max_queued is not None and (
@@ -121,7 +119,7 @@ class Manager(Supervision):
         self._terminating = False
         self._terminate_lock = threading.Lock()
         self._terminated = False
-        self._backend = backend
+        self._backend = backend or LocalBackend(subreaper=subreaper)
 
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
@@ -237,6 +235,7 @@ class Manager(Supervision):
             while task_id is None or self._table.get(task_id) is not None:
                 task_id = self._table.new_id(create["operation"])
             task = Task(task_id, create)
+            task.registration = registration
             self._table.add(task)
             self._queue.append(task.id)
             self._publish("POST", task)

@@ -83,7 +83,7 @@ class Supervision:
                 task_id = self._queue[0]
                 task = self._table.get(task_id)
                 assert task is not None and task.state is TaskState.NEW
-                launch = Launch(task_id, task.to_wire(), self._animators[task.operation])
+                launch = Launch(task_id, task.to_wire(), task.registration)
                 if not self._backend.start(launch):
                     continue
                 self._queue.popleft()

@@ -52,6 +52,9 @@ class Task:
         self.progress: dict[str, Any] | None = None
         self.messages: deque[dict[str, str]] = deque(maxlen=CONSTS.max_messages)
         self.result: Any = None
+        #: the operation's animator and limits when the task was created (a
+        #: later re-registration applies to later tasks only)
+        self.registration: Any = None
         self._snapshot: dict[str, Any] | None = None
 
     @property

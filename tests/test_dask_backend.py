@@ -91,6 +91,68 @@ def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
     assert wait_terminal(m, again)["state"] == "SUCCEEDED"
 
 
+def test_connection_blip_fails_the_task_and_stops_it_on_the_worker(
+    manager: Any, dask_cluster: str
+) -> None:
+    backend = DaskBackend(dask_cluster, heartbeat=0.25)
+    m = manager(backend=backend, max_workers=2, cancel_grace=0.5)
+    m.register_animator("COOP", animators.Cooperative())
+    m.register_animator("QUICK", animators.Quick())
+    task_id = m.run_task({"operation": "COOP"})
+    pid = _ready(m, task_id)["pid"]
+    # fault injection: cut the client's connection to the scheduler; it reconnects
+    client = backend._client
+    client.loop.add_callback(lambda: client.scheduler_comm.comm.abort())
+    task = wait_terminal(m, task_id)
+    assert task["state"] == "FAILED"
+    assert any("unreachable" in text for text in message_texts(task)), message_texts(task)
+    # the worker side is told to stop once the scheduler answers again
+    wait_for(lambda: _gone(pid), timeout=15)
+
+    def accepted() -> str | None:
+        try:
+            return m.run_task({"operation": "QUICK"})
+        except BackendUnavailable:
+            return None
+
+    again = wait_for(accepted, timeout=30, interval=0.1)
+    assert wait_terminal(m, again)["state"] == "SUCCEEDED"
+
+
+def test_cancel_of_a_task_still_queued_in_dask(manager: Any, dask_cluster: str) -> None:
+    # more tasks in flight than the cluster's two threads: one waits in Dask's queue
+    m = manager(backend=DaskBackend(dask_cluster), max_workers=3, cancel_grace=5)
+    m.register_animator("COOP", animators.Cooperative())
+    ids = [m.run_task({"operation": "COOP"}) for _ in range(3)]
+    wait_for(lambda: sum(animators.ready_info(m.get_task(i)) is not None for i in ids) == 2)
+    waiting = next(i for i in ids if animators.ready_info(m.get_task(i)) is None)
+    m.cancel_task(waiting)
+    task = wait_terminal(m, waiting, timeout=5)
+    assert task["state"] == "CANCELED", task
+    assert "canceled before it started on a Dask worker" in message_texts(task)
+    for task_id in ids:
+        if task_id != waiting:
+            m.cancel_task(task_id)
+            assert wait_terminal(m, task_id)["state"] == "CANCELED"
+
+
+def test_two_supervisors_with_the_same_task_ids_share_the_workers(
+    manager: Any, dask_cluster: str
+) -> None:
+    first = manager(backend=DaskBackend(dask_cluster), max_workers=2)
+    second = manager(backend=DaskBackend(dask_cluster), max_workers=2)
+    for m in (first, second):
+        m.register_animator("QUICK", animators.Quick())
+    runs = [(m, m.run_task({"operation": "QUICK", "args": {"who": name, "n": n}}), name, n)
+            for n in range(10) for m, name in ((first, "first"), (second, "second"))]
+    for m, task_id, name, n in runs:
+        task = wait_terminal(m, task_id)
+        assert task["state"] == "SUCCEEDED", task
+        assert task["result"]["args"] == {"who": name, "n": n}
+    assert {task_id for m, task_id, name, n in runs if m is first} == \
+        {task_id for m, task_id, name, n in runs if m is second}  # the same ids, really
+
+
 def test_supervisor_sigkilled_remote_trees_die_within_the_lease(dask_cluster: str) -> None:
     lease = 4.0
     proc = subprocess.Popen(

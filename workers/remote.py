@@ -58,6 +58,7 @@ class _Forwarder:
         self.sent = 0
         self.final: dict[str, Any] | None = None
         self.done = threading.Event()
+        self._lock = threading.Lock()
         self._messages: list[dict[str, str]] = []
         self._state = TaskState.NEW.value
         self._progress: dict[str, Any] | None = None
@@ -66,7 +67,19 @@ class _Forwarder:
         self._send({"t": self.task_id, "n": self.sent, **message})
         self.sent += 1
 
+    def lost(self, reason: str) -> None:
+        """End without the task's last events (they were dropped on this worker)."""
+        with self._lock:
+            if not self.done.is_set():
+                self.final = {"state": TaskState.FAILED.value, "notes": [reason],
+                              "result_json": None}
+                self.done.set()
+
     def on_event(self, event: dict[str, Any]) -> None:
+        with self._lock:  # a resubscription may deliver from a second thread
+            self._on_event(event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("method") not in ("POST", "PATCH") or self.done.is_set():
             return
         wire = event["task"]
@@ -112,7 +125,12 @@ def _new_messages(
 
 
 class _Local:
-    """This worker process's Manager, and the routing of its events to forwarders."""
+    """This worker process's Manager, and the routing of its events to forwarders.
+
+    Supervisors that share a worker may ask for the same task id; a local id is
+    taken only when no forwarder still uses it, and each forwarder can cancel,
+    kill or forget only its own task.
+    """
 
     def __init__(self, cancel_grace: float) -> None:
         self.backend = LocalBackend()
@@ -120,7 +138,8 @@ class _Local:
             purge_delay=0, max_workers=_LOCAL_SLOTS, cancel_grace=cancel_grace,
             backend=self.backend,
         )
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  #: guards the routes; never held over user code
+        self._creating = threading.Lock()  #: one registration + creation at a time
         self._forwarders: dict[str, _Forwarder] = {}
         self.manager.subscribe(self._route)
         # NOTE: a worker that closes in order ends its tasks in order too; one
@@ -128,6 +147,9 @@ class _Local:
         atexit.register(self.manager.terminate)
 
     def _route(self, event: dict[str, Any]) -> None:
+        if event.get("method") == "DROPPED":
+            self._resync()
+            return
         task = event.get("task")
         if task is None:
             return
@@ -136,22 +158,72 @@ class _Local:
         if forwarder is not None:
             forwarder.on_event(event)
 
+    def _resync(self) -> None:
+        """The subscription fell 10,000 events behind and was dropped: catch up."""
+        log.error("the worker-side event subscription was dropped; resubscribing")
+        self.manager.subscribe(self._route)
+        with self.lock:
+            routes = list(self._forwarders.items())
+        for local_id, forwarder in routes:
+            try:
+                forwarder.on_event({"method": "PATCH", "task": self.manager.get_task(local_id)})
+            except TaskNotFound:
+                forwarder.lost("the worker lost track of the task's events")
+
     def create(self, spec: dict[str, Any], animator: Any, forwarder: _Forwarder) -> str:
         """Register the animator and create the task, routing its events to ``forwarder``."""
-        # NOTE: the lock spans registration and creation (another thread of
-        # this worker may register the same operation with other limits) and
-        # the route (the task's first events must find their forwarder).
-        with self.lock:
-            self.manager.register_animator(
-                spec["operation"], animator, spec["timeout"], spec["max_memory"]
-            )
-            local_id = self.manager._create_task(spec["create"], spec["task_id"])
-            self._forwarders[local_id] = forwarder
+        # NOTE: registration and creation are one step (another thread of this
+        # worker may register the same operation with other limits), and the
+        # route exists before the task does (its first events must find it).
+        with self._creating:
+            local_id: str = spec["task_id"]
+            with self.lock:
+                copy = 1
+                while local_id in self._forwarders or self._known(local_id):
+                    copy += 1
+                    local_id = f"{spec['task_id']}-{copy}"
+                self._forwarders[local_id] = forwarder
+            try:
+                self.manager.register_animator(
+                    spec["operation"], animator, spec["timeout"], spec["max_memory"]
+                )
+                created = self.manager._create_task(spec["create"], local_id)
+            except BaseException:
+                self.forget(local_id, forwarder)
+                raise
+        assert created == local_id, (created, local_id)
         return local_id
 
-    def forget(self, local_id: str) -> None:
+    def _known(self, local_id: str) -> bool:
+        try:
+            self.manager.get_task(local_id)
+        except TaskNotFound:
+            return False
+        return True
+
+    def cancel(self, local_id: str, forwarder: _Forwarder) -> None:
+        """Cancel the task, if ``local_id`` is still ``forwarder``'s."""
         with self.lock:
-            self._forwarders.pop(local_id, None)
+            if self._forwarders.get(local_id) is forwarder:
+                try:
+                    self.manager.cancel_task(local_id)
+                except TaskNotFound:
+                    pass
+
+    def kill(self, local_id: str, forwarder: _Forwarder, reason: str) -> None:
+        """Kill the task's tree now (or cancel it while it waits for a process)."""
+        with self.lock:
+            if self._forwarders.get(local_id) is forwarder:
+                try:
+                    self.manager.cancel_task(local_id)  # at once if still queued
+                except TaskNotFound:
+                    pass
+                self.backend.kill_task(local_id, reason)
+
+    def forget(self, local_id: str, forwarder: _Forwarder) -> None:
+        with self.lock:
+            if self._forwarders.get(local_id) is forwarder:
+                del self._forwarders[local_id]
 
 
 _locals: dict[float, _Local] = {}
@@ -202,7 +274,7 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         _watch(spec, client, local, local_id, forwarder)
     finally:
-        local.forget(local_id)
+        local.forget(local_id, forwarder)
     assert forwarder.final is not None
     return {**outcome, **forwarder.final, "sent": forwarder.sent}
 
@@ -282,10 +354,7 @@ def _watch(
                 forwarder.done.wait(CANCEL_POLL)
         else:
             return
-        try:
-            local.manager.cancel_task(local_id)
-        except TaskNotFound:
-            pass
+        local.cancel(local_id, forwarder)
 
     threading.Thread(target=watch_cancel, name=f"housekeeping-cancel-{local_id}",
                      daemon=True).start()
@@ -296,9 +365,8 @@ def _watch(
             if lease.age() > lease_timeout:
                 log.error("task %s: no heartbeat from its supervisor for %g s; "
                           "killing its tree", local_id, lease_timeout)
-                local.backend.kill_task(
-                    local_id, f"killed: the supervisor's lease expired (no heartbeat "
-                              f"for {lease_timeout:g} s)")
+                local.kill(local_id, forwarder, f"killed: the supervisor's lease expired "
+                                                f"(no heartbeat for {lease_timeout:g} s)")
                 forwarder.done.wait()
                 break
     finally:
