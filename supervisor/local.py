@@ -152,7 +152,8 @@ class LocalBackend(Backend):
                 f"timed out after {registration.timeout:g} s",
             ))
         log.info("task %s started in process %s", launch.task_id, child.pid)
-        self._replenish()
+        # NOTE: after the host recorded ACTIVE, not before (it is on the start path).
+        asyncio.get_running_loop().call_soon(self._replenish)
         return True
 
     def _read(self, child: ChildProcess) -> str:
