@@ -17,6 +17,11 @@ class Animator:
     so keep its attributes small and picklable.
     """
 
+    #: Only for idempotent work: on the Dask backend, when the worker running
+    #: a task dies, let Dask run the task again on another worker instead of
+    #: failing it. The local backend never runs a task twice.
+    rerun_on_worker_loss: bool = False
+
     def validate(self, create: dict[str, Any]) -> None:
         """Check the creation arguments; runs in the parent, so keep it cheap.
 

@@ -63,10 +63,12 @@ class _Remote:
     key: str
     future: Any = None
     worker: str | None = None
+    lost_worker: str | None = None  #: a worker that died running it (rerun allowed)
     received: int = 0  #: reports received so far
     outcome: Outcome | None = None  #: known, waiting for reports still in flight
     expected: int = 0  #: reports the worker side sent in all
     canceled: bool = False
+    rerun: bool = False  #: Dask may run it again if its worker dies (the animator opted in)
     confirmed: bool = False  #: the outcome came from the worker side
     worker_since: float = 0.0  #: when ``worker`` was learned (time.monotonic())
     timer: asyncio.TimerHandle | None = None
@@ -185,7 +187,9 @@ class DaskBackend(Backend):
     def start(self, launch: Launch) -> bool:
         registration = launch.registration
         key = f"housekeeping-{self._id}-{launch.task_id}"
-        remote = _Remote(key, names=(f"{key}-cancel", f"{key}-started"))
+        remote = _Remote(key, names=(f"{key}-cancel", f"{key}-started"),
+                         rerun=bool(getattr(registration.animator, "rerun_on_worker_loss",
+                                            False)))
         create = {name: launch.task[name] for name in
                   ("operation", "objectId", "serviceStates", "args") if name in launch.task}
         spec = {
@@ -201,6 +205,7 @@ class DaskBackend(Backend):
             "started": remote.names[1],
             "lease": self._lease_name,
             "lease_timeout": self.lease_timeout,
+            "rerun": bool(getattr(registration.animator, "rerun_on_worker_loss", False)),
         }
         try:
             remote.future = self._client.submit(
@@ -268,7 +273,8 @@ class DaskBackend(Backend):
         if remote is None or task_id is None:
             return
         remote.received += 1
-        if "worker" in message:
+        if "worker" in message:  # the first report of a run
+            remote.received = 1
             remote.worker = str(message["worker"])
             remote.worker_since = time.monotonic()
         reports: list[Progress | StateChanged | Note] = [
@@ -334,7 +340,7 @@ class DaskBackend(Backend):
         return Outcome(TaskState.FAILED, (f"the Dask task failed{where}: {error!r}",))
 
     def _worker_lost(self, remote: _Remote) -> Outcome:
-        worker = remote.worker or "(unknown)"
+        worker = remote.worker or remote.lost_worker or "(unknown)"
         return Outcome(TaskState.FAILED, (
             f"the Dask worker {worker} running the task died or was removed",))
 
@@ -385,6 +391,12 @@ class DaskBackend(Backend):
         for task_id, remote in list(self._tasks.items()):
             if remote.worker is not None and remote.worker not in workers \
                     and remote.outcome is None and remote.worker_since < asked:
+                if remote.rerun:
+                    self.host.task_message(task_id, Note(
+                        f"the Dask worker {remote.worker} running the task died or was "
+                        f"removed; Dask runs the task again (rerun_on_worker_loss)"))
+                    remote.lost_worker, remote.worker = remote.worker, None
+                    continue
                 remote.outcome = self._worker_lost(remote)
                 self._finish(task_id)
 

@@ -402,3 +402,23 @@ class RunCounter(Animator):
         while not ops.is_canceled():
             time.sleep(0.01)
         ops.set_state(TaskState.CANCELED)
+
+
+class RerunOnce(Animator):
+    """Idempotent work that opts in to a re-run: the first run waits forever (for the
+    test to kill its Dask worker), the second returns how many runs there were."""
+
+    rerun_on_worker_loss = True
+
+    def execute(self, ops: Any) -> Any:
+        path = _args(ops)["file"]
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        with open(path) as f:
+            runs = len(f.read().splitlines())
+        if runs > 1:
+            return {"runs": runs}
+        _ready(ops)
+        while not ops.is_canceled():
+            time.sleep(0.01)
+        ops.set_state(TaskState.CANCELED)

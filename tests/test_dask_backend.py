@@ -91,6 +91,24 @@ def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
     assert wait_terminal(m, again)["state"] == "SUCCEEDED"
 
 
+def test_an_animator_that_opts_in_is_run_again_after_its_worker_died(
+    manager: Any, dask_cluster: str, tmp_path: Path
+) -> None:
+    m = manager(backend=DaskBackend(dask_cluster), max_workers=2)
+    m.register_animator("RERUN", animators.RerunOnce())
+    runs = tmp_path / "runs"
+    task_id = m.run_task({"operation": "RERUN", "args": {"file": str(runs)}})
+    info = _ready(m, task_id)
+    _worker_of(info["pid"]).send_signal(signal.SIGKILL)
+    task = wait_terminal(m, task_id, timeout=60)
+    assert task["state"] == "SUCCEEDED", message_texts(task)
+    assert task["result"] == {"runs": 2}
+    assert runs.read_text().count("\n") == 2
+    wait_for(lambda: _gone(info["pid"]), timeout=10)
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny restarted it
+
+
 def test_connection_blip_fails_the_task_and_stops_it_on_the_worker(
     manager: Any, dask_cluster: str
 ) -> None:

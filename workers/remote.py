@@ -252,10 +252,12 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     client = distributed.get_client()
     started = distributed.Event(spec["started"], client=client)
     # NOTE: Dask re-runs a task whose worker died; the work may not be
-    # idempotent, so a second run refuses and the supervisor fails the task.
-    if started.is_set():
+    # idempotent, so a second run refuses and the supervisor fails the task,
+    # unless the animator opted in (rerun_on_worker_loss).
+    if not started.is_set():
+        started.set()
+    elif not spec["rerun"]:
         return {"retry": True, "worker": worker.address, "sent": 0}
-    started.set()
 
     def send(message: dict[str, Any]) -> None:
         worker.log_event(spec["topic"], message)
