@@ -303,6 +303,23 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     assert done["state"] == "SUCCEEDED", done
 
 
+def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(
+    manager: Any, own_cluster: Cluster
+) -> None:
+    m = manager(backend=DaskBackend(own_cluster.address), max_workers=1, cancel_grace=30)
+    m.register_animator("FORKER", animators.Forker())
+    task_id = m.run_task({"operation": "FORKER"})
+    info = _ready(m, task_id)
+    with distributed.Client(own_cluster.address, set_as_default=False) as client:
+        (address,) = client.scheduler_info()["workers"]
+        client.retire_workers([address])
+    task = wait_terminal(m, task_id)
+    assert task["state"] == "FAILED"
+    assert f"the Dask worker {address} running the task died or was removed" in \
+        message_texts(task), message_texts(task)
+    wait_for(lambda: _gone(info["pid"], *info["children"]), timeout=5)  # not the 30 s grace
+
+
 def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cluster) -> None:
     backend = DaskBackend(own_cluster.address, heartbeat=0.25, unreachable_after=30.0,
                           lease_timeout=3.0, connect_timeout=5.0)

@@ -45,6 +45,8 @@ log = logging.getLogger("housekeeping.remote")
 CANCEL_POLL = 0.25
 #: How often a worker process reads a supervisor's lease.
 LEASE_POLL = 1.0
+#: Worker states in which its tasks are killed at once (it left the cluster).
+_WORKER_GONE = frozenset({"closing", "closed", "failed"})
 #: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
 _LOCAL_SLOTS = 256
 
@@ -274,7 +276,7 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {**outcome, "state": TaskState.FAILED.value, "notes": [reason],
                 "result_json": None, "sent": forwarder.sent}
     try:
-        _watch(spec, client, local, local_id, forwarder)
+        _watch(spec, worker, client, local, local_id, forwarder)
     finally:
         local.forget(local_id, forwarder)
     assert forwarder.final is not None
@@ -338,7 +340,8 @@ def _release(lease: _Lease) -> None:
 
 
 def _watch(
-    spec: dict[str, Any], client: Any, local: _Local, local_id: str, forwarder: _Forwarder
+    spec: dict[str, Any], worker: Any, client: Any, local: _Local, local_id: str,
+    forwarder: _Forwarder,
 ) -> None:
     """Wait for the task's end; cancel it when asked; kill it if the supervisor is gone."""
     import distributed
@@ -364,11 +367,17 @@ def _watch(
     lease_timeout = float(spec["lease_timeout"])
     try:
         while not forwarder.done.wait(0.25):
+            reason = None
             if lease.age() > lease_timeout:
-                log.error("task %s: no heartbeat from its supervisor for %g s; "
-                          "killing its tree", local_id, lease_timeout)
-                local.kill(local_id, forwarder, f"killed: the supervisor's lease expired "
-                                                f"(no heartbeat for {lease_timeout:g} s)")
+                reason = (f"killed: the supervisor's lease expired (no heartbeat "
+                          f"for {lease_timeout:g} s)")
+            elif getattr(worker.status, "name", "") in _WORKER_GONE:
+                # NOTE: a retired or closing worker is out of the cluster: the
+                # supervisor already failed the task, nobody hears from it.
+                reason = f"killed: the Dask worker is {worker.status.name}"
+            if reason is not None:
+                log.error("task %s: %s", local_id, reason)
+                local.kill(local_id, forwarder, reason)
                 forwarder.done.wait()
                 break
     finally:
