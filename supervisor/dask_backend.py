@@ -38,7 +38,6 @@ from typing import Any
 import distributed
 
 from supervisor.backend import Backend, Host, Launch, Outcome
-from supervisor.consts import CONSTS
 from supervisor.protocol import Note, Progress, StateChanged
 from supervisor.states import TaskState
 from workers.remote import run_task_on_worker
@@ -52,8 +51,14 @@ _PROGRESS_NAMES = {
     "transferredBytes": "transferred_bytes",
 }
 _STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
-#: Seconds ``terminate()`` lets queued calls to the scheduler (cancel, clean-up) finish.
-CALLS_DRAIN_TIMEOUT = 5.0
+#: Seconds the outcome of a task waits for reports its worker sent before it.
+REPORTS_WAIT = 2.0
+#: Seconds ``terminate()`` waits, beyond ``cancel_grace``, for the workers to
+#: report the end of the tasks it canceled (kill and report take well under 1 s).
+SHUTDOWN_SLACK = 5.0
+#: Seconds each step of closing may take: queued calls to the scheduler, the
+#: client, an owned LocalCluster (together they stay within terminate()'s budget).
+CLOSE_STEP_TIMEOUT = 3.0
 
 
 @dataclass
@@ -122,6 +127,8 @@ class DaskBackend(Backend):
         self._orphans: list[str] = []
         self._orphans_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._close_lock = threading.Lock()
+        self._closed = False
         self._host: Host | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -242,7 +249,7 @@ class DaskBackend(Backend):
             if self._tasks:
                 try:
                     await asyncio.wait_for(
-                        self._idle.wait(), self.host.cancel_grace + CONSTS.terminate_slack
+                        self._idle.wait(), self.host.cancel_grace + SHUTDOWN_SLACK
                     )
                 except TimeoutError:
                     pass
@@ -273,9 +280,9 @@ class DaskBackend(Backend):
         if remote is None or task_id is None:
             return
         remote.received += 1
-        if "worker" in message:  # the first report of a run
+        if "run" in message:  # the first report of a run, from this worker
             remote.received = 1
-            remote.worker = str(message["worker"])
+            remote.worker = str(message["run"])
             remote.worker_since = time.monotonic()
         reports: list[Progress | StateChanged | Note] = [
             Note(str(text)) for text in message.get("notes", ())]
@@ -311,7 +318,7 @@ class DaskBackend(Backend):
             return
         if _canceled(error) and remote.canceled:
             remote.outcome = Outcome(TaskState.CANCELED, (
-                "canceled before it started on a Dask worker",))
+                "canceled before any report from a Dask worker",))
         elif error is not None or not isinstance(payload, dict):
             remote.outcome = self._failure(remote, error)
         elif payload.get("retry"):
@@ -329,7 +336,15 @@ class DaskBackend(Backend):
         else:
             # NOTE: reports travel on another channel; wait for them, not forever.
             assert self._loop is not None
-            remote.timer = self._loop.call_later(2.0, self._finish, task_id)
+            remote.timer = self._loop.call_later(REPORTS_WAIT, self._reports_late, task_id)
+
+    def _reports_late(self, task_id: str) -> None:
+        remote = self._tasks.get(task_id)
+        if remote is not None:
+            log.warning("task %s: %d of %d reports arrived within %g s; recording its "
+                        "outcome without the rest", task_id, remote.received, remote.expected,
+                        REPORTS_WAIT)
+            self._finish(task_id)
 
     def _failure(self, remote: _Remote, error: BaseException | None) -> Outcome:
         if _canceled(error):
@@ -396,6 +411,7 @@ class DaskBackend(Backend):
                         f"the Dask worker {remote.worker} running the task died or was "
                         f"removed; Dask runs the task again (rerun_on_worker_loss)"))
                     remote.lost_worker, remote.worker = remote.worker, None
+                    remote.received = 0  # the next run counts its own reports
                     continue
                 remote.outcome = self._worker_lost(remote)
                 self._finish(task_id)
@@ -457,10 +473,13 @@ class DaskBackend(Backend):
     def _set_orphans(self) -> None:
         """Set the cancel Event of each task that ended here without its worker's word."""
         with self._orphans_lock:
-            names, self._orphans = self._orphans, []
+            names, self._orphans = self._orphans[:100], self._orphans[100:]
+        scheduler = self._client.scheduler
         for index, name in enumerate(names):
             try:
-                distributed.Event(name, client=self._client).set()
+                assert scheduler is not None
+                self._client.sync(scheduler.event_set, name=name,
+                                  callback_timeout=self.heartbeat * 2)
             except Exception:
                 with self._orphans_lock:
                     self._orphans[:0] = names[index:]  # again at the next answer
@@ -474,32 +493,36 @@ class DaskBackend(Backend):
             pass  # the loop is closed
 
     def _close(self) -> None:
-        """Stop the monitor and the lease, close the client (and an owned cluster)."""
-        self._stopping.set()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(timeout=self.heartbeat * 3 + 1)
-        # NOTE: let the queued calls to the scheduler finish, for a while: with
-        # the scheduler gone each would wait for a connection.
-        drained = self._calls.submit(lambda: None)
-        try:
-            drained.result(timeout=CALLS_DRAIN_TIMEOUT)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            log.warning("closing: calls to the Dask scheduler still pending; dropped")
-        self._calls.shutdown(wait=False, cancel_futures=True)
-        try:
-            self._lease.delete()
-            self._client.unsubscribe_topic(self._topic)
-        except Exception:
-            pass
-        try:
-            self._client.close(timeout=5)
-        except Exception as exc:
-            log.debug("closing the Dask client: %s", exc)
-        if self._owns_cluster and self._cluster is not None:
+        """Stop the monitor and the lease, close the client (and an owned cluster); once."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping.set()
+            if self._monitor is not None and self._monitor is not threading.current_thread():
+                self._monitor.join(timeout=self.heartbeat * 2 + 1)
+            # NOTE: let the queued calls to the scheduler finish, for a while: with
+            # the scheduler gone each would wait for a connection.
             try:
-                self._cluster.close(timeout=10)
+                self._calls.submit(lambda: None).result(timeout=CLOSE_STEP_TIMEOUT)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError,
+                    RuntimeError):
+                log.warning("closing: calls to the Dask scheduler still pending; dropped")
+            self._calls.shutdown(wait=False, cancel_futures=True)
+            try:
+                self._lease.delete()
+                self._client.unsubscribe_topic(self._topic)
+            except Exception:
+                pass
+            try:
+                self._client.close(timeout=CLOSE_STEP_TIMEOUT)
             except Exception as exc:
-                log.warning("closing the local Dask cluster: %s", exc)
+                log.debug("closing the Dask client: %s", exc)
+            if self._owns_cluster and self._cluster is not None:
+                try:
+                    self._cluster.close(timeout=CLOSE_STEP_TIMEOUT * 2)
+                except Exception as exc:
+                    log.warning("closing the local Dask cluster: %s", exc)
 
 
 def _canceled(error: BaseException | None) -> bool:

@@ -38,7 +38,9 @@ def _ready(m: Any, task_id: str) -> dict[str, Any]:
     return wait_for(lambda: animators.ready_info(m.get_task(task_id)))  # type: ignore[no-any-return]
 
 
-def test_lifecycle_result_events_and_messages(backend_manager: Any) -> None:
+def test_lifecycle_result_events_and_messages(
+    backend_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     m = backend_manager()
     log = EventLog()
     m.subscribe(log)
@@ -54,6 +56,8 @@ def test_lifecycle_result_events_and_messages(backend_manager: Any) -> None:
     assert log.states(task_id) == ["NEW", "ACTIVE", "SUCCEEDED"]
     versions = [e["task"]["meta"]["version"] for e in log.of(task_id)]
     assert versions == list(range(1, len(versions) + 1))
+    # the outcome waited for every report, and every report came
+    assert not [r for r in caplog.records if "reports arrived" in r.getMessage()]
 
 
 def test_async_animator(backend_manager: Any) -> None:

@@ -147,7 +147,9 @@ def test_cancel_of_a_task_still_queued_in_dask(manager: Any, dask_cluster: str) 
     m.cancel_task(waiting)
     task = wait_terminal(m, waiting, timeout=5)
     assert task["state"] == "CANCELED", task
-    assert "canceled before it started on a Dask worker" in message_texts(task)
+    # taken off Dask's queue, or refused by the worker side if it got there first
+    assert {"canceled before any report from a Dask worker",
+            "canceled before it started on a Dask worker"} & set(message_texts(task)), task
     for task_id in ids:
         if task_id != waiting:
             m.cancel_task(task_id)

@@ -61,6 +61,7 @@ class _Forwarder:
         self.final: dict[str, Any] | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
+        self._version = 0
         self._messages: list[dict[str, str]] = []
         self._state = TaskState.NEW.value
         self._progress: dict[str, Any] | None = None
@@ -85,6 +86,9 @@ class _Forwarder:
         if event.get("method") not in ("POST", "PATCH") or self.done.is_set():
             return
         wire = event["task"]
+        if wire["meta"]["version"] <= self._version:
+            return  # seen already (a resubscription replays)
+        self._version = wire["meta"]["version"]
         notes = _new_messages(self._messages, wire["messages"])
         self._messages = wire["messages"]
         state = wire["state"]
@@ -143,6 +147,7 @@ class _Local:
         self.lock = threading.Lock()  #: guards the routes; never held over user code
         self._creating = threading.Lock()  #: one registration + creation at a time
         self._forwarders: dict[str, _Forwarder] = {}
+        self._retired: set[str] = set()  #: ids whose events may still come (see _resync)
         self.manager.subscribe(self._route)
         # NOTE: a worker that closes in order ends its tasks in order too; one
         # that is killed relies on the starter's PR_SET_PDEATHSIG.
@@ -164,13 +169,19 @@ class _Local:
         """The subscription fell 10,000 events behind and was dropped: catch up."""
         log.error("the worker-side event subscription was dropped; resubscribing")
         self.manager.subscribe(self._route)
-        with self.lock:
-            routes = list(self._forwarders.items())
-        for local_id, forwarder in routes:
-            try:
-                forwarder.on_event({"method": "PATCH", "task": self.manager.get_task(local_id)})
-            except TaskNotFound:
-                forwarder.lost("the worker lost track of the task's events")
+        with self._creating:  # every route has its task
+            with self.lock:
+                routes = list(self._forwarders.items())
+            for local_id, forwarder in routes:
+                try:
+                    wire = self.manager.get_task(local_id)
+                except TaskNotFound:
+                    # NOTE: it ended (and was purged) unseen; its old events may
+                    # still come, so its id is never used again here.
+                    self._retired.add(local_id)
+                    forwarder.lost("the worker lost track of the task's events")
+                    continue
+                forwarder.on_event({"method": "PATCH", "task": wire})
 
     def create(self, spec: dict[str, Any], animator: Any, forwarder: _Forwarder) -> str:
         """Register the animator and create the task, routing its events to ``forwarder``."""
@@ -181,7 +192,8 @@ class _Local:
             local_id: str = spec["task_id"]
             with self.lock:
                 copy = 1
-                while local_id in self._forwarders or self._known(local_id):
+                while local_id in self._forwarders or local_id in self._retired \
+                        or self._known(local_id):
                     copy += 1
                     local_id = f"{spec['task_id']}-{copy}"
                 self._forwarders[local_id] = forwarder
@@ -260,12 +272,19 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
         started.set()
     elif not spec["rerun"]:
         return {"retry": True, "worker": worker.address, "sent": 0}
+    # NOTE: canceled while it waited in Dask's queue (or ended by a supervisor
+    # that gave up on it): a run that starts now must not run the animator.
+    if distributed.Event(spec["cancel"], client=client).is_set():
+        return {"worker": worker.address, "state": TaskState.CANCELED.value,
+                "notes": ["canceled before it started on a Dask worker"],
+                "result_json": None, "sent": 0}
 
     def send(message: dict[str, Any]) -> None:
         worker.log_event(spec["topic"], message)
 
     forwarder = _Forwarder(spec["task_id"], send)
-    forwarder.send({"worker": worker.address})
+    # NOTE: "run", not "worker": the scheduler adds "worker" to every event.
+    forwarder.send({"run": worker.address})
     outcome = {"worker": worker.address}
     try:
         animator = pickle.loads(spec["animator"])
