@@ -12,14 +12,16 @@ its ``timeout``, ``max_memory``, crash detection and whole-tree kill.
     supervisor                 scheduler                  Dask worker process
     ──────────                 ─────────                  ───────────────────
     submit(spec) ─────────────▶ task ───────────────────▶ run_task_on_worker
-    Event(cancel).set() ──────▶ event ◀── wait ────────── watcher thread ── cancel_task
-    Variable(lease).set(n) ───▶ lease ◀── get ─────────── (lease lost → kill the tree)
+    Event(cancel).set() ──────▶ event ◀── wait ────────── a thread per task ── cancel_task
+    Variable(lease).set(n) ───▶ lease ◀── get ─────────── a thread per lease (lost → kill)
     subscribe_topic ◀───────── log_event ◀────────────── forwarder ◀── local events
     future.result() ◀───────── outcome ◀──────────────── return {"state", ...}
 
 Reports are the local task's change events, already coalesced by the child
 (one per ``progress_interval``), turned into progress / state / note messages
-and sent with the worker's ``log_event``, which keeps their order.
+and sent with the worker's ``log_event``, which keeps their order. The task's
+tree is killed at once, without a cancel grace, when the lease expires or the
+worker leaves the cluster: the supervisor has given up on it by then.
 """
 
 from __future__ import annotations
