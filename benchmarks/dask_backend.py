@@ -35,7 +35,16 @@ from typing import Any
 import psutil
 
 from benchmarks import animators
-from benchmarks.common import _HELPERS, Approach, Options, Section, Series, Table, alternate
+from benchmarks.common import (
+    _HELPERS,
+    Approach,
+    Options,
+    Section,
+    Series,
+    Table,
+    alternate,
+    wait_until,
+)
 from benchmarks.recording import Recorder, recorded_manager, wait_warm
 from benchmarks.throughput import ManagerBatch
 
@@ -45,12 +54,6 @@ WORKERS = 2
 WARMUP = 3
 #: Sleep before each start sample, the same for both backends, so that each starts idle.
 PAUSE = 0.05
-#: Seconds the worker side may still be busy after a task ended: its cancel
-#: watcher waits on the task's Event up to ``workers.remote.CANCEL_POLL`` (0.25 s)
-#: before it sees the end. A Dask manager waits this long before it terminates,
-#: so that its rounds leave no work behind in the scheduler (which runs in this
-#: process) for the next round.
-SETTLE = 0.5
 #: Seconds the cluster's processes get to end after ``close()``.
 CLOSE_GRACE = 5.0
 
@@ -81,11 +84,11 @@ class StartLatency(Approach):
 
     pause = PAUSE
 
-    def __init__(self, name: str, factory: BackendFactory, settle: float,
+    def __init__(self, name: str, factory: BackendFactory, quiet: Callable[[], None],
                  began: Table, ended: Table) -> None:
         self.name = name
         self.factory = factory
-        self.settle = settle
+        self.quiet = quiet
         self.began = began
         self.ended = ended
 
@@ -96,7 +99,7 @@ class StartLatency(Approach):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _settle_and_terminate(self.manager, self.settle, exc[0] is None)
+        _quiet_and_terminate(self.manager, self.quiet, exc[0] is None)
 
     def _watch(self, task: dict[str, Any], now: float) -> None:
         """Note when the child's message is first seen (under the recorder's lock)."""
@@ -124,11 +127,11 @@ class StartLatency(Approach):
 class BackendBatch(ManagerBatch):
     """Manager(max_workers=2) on a given backend: a batch of trivial tasks at once."""
 
-    def __init__(self, name: str, factory: BackendFactory, settle: float, tasks: int,
-                 cpu: Table) -> None:
+    def __init__(self, name: str, factory: BackendFactory, quiet: Callable[[], None],
+                 tasks: int, cpu: Table) -> None:
         super().__init__(name, tasks, cpu)
         self.factory = factory
-        self.settle = settle
+        self.quiet = quiet
 
     def __enter__(self) -> BackendBatch:
         self.recorder = Recorder()
@@ -136,16 +139,28 @@ class BackendBatch(ManagerBatch):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _settle_and_terminate(self.manager, self.settle, exc[0] is None)
+        _quiet_and_terminate(self.manager, self.quiet, exc[0] is None)
 
 
-def _settle_and_terminate(manager: Any, settle: float, ok: bool) -> None:
-    """Wait ``settle`` seconds (not on error), then terminate the manager, always."""
+def _quiet_and_terminate(manager: Any, quiet: Callable[[], None], ok: bool) -> None:
+    """Wait for ``quiet`` (not on error), then terminate the manager, always."""
     try:
         if ok:
-            time.sleep(settle)
+            quiet()
     finally:
         manager.terminate()
+
+
+def _no_event_waiters(cluster: Any) -> None:
+    """Wait until no task's worker side waits on its cancel Event any more.
+
+    NOTE: each waits up to ``workers.remote.CANCEL_POLL`` after its task ended;
+    waiting for them keeps one round's leftovers out of the next round's figures
+    (the scheduler runs in this process). Reads the in-process scheduler's Event
+    extension: there is no public view of its waiters.
+    """
+    waiters = cluster.scheduler.extensions["events"]._waiter_count
+    wait_until(lambda: not any(waiters.values()), "the cancel Event waits to end", step=0.01)
 
 
 def _table(title: str, unit: str, **options: Any) -> Table:
@@ -216,11 +231,14 @@ def run(options: Options) -> Section:
             def dask() -> Any:
                 return DaskBackend(cluster)
 
-            alternate([StartLatency(LOCAL, local, 0.0, began, ended),
-                       StartLatency(DASK, dask, SETTLE, began, ended)],
+            def dask_quiet() -> None:
+                _no_event_waiters(cluster)
+
+            alternate([StartLatency(LOCAL, local, local, began, ended),
+                       StartLatency(DASK, dask, dask_quiet, began, ended)],
                       rounds, per_round, first)
-            alternate([BackendBatch(LOCAL, local, 0.0, tasks, cpu),
-                       BackendBatch(DASK, dask, SETTLE, tasks, cpu)],
+            alternate([BackendBatch(LOCAL, local, local, tasks, cpu),
+                       BackendBatch(DASK, dask, dask_quiet, tasks, cpu)],
                       batch_rounds, 1, rates)
         finally:
             mine = [p for p in _descendants() if p.pid not in before]
@@ -253,8 +271,8 @@ def run(options: Options) -> Section:
         "(local: and its warm processes ready again)",
         "throughput: every task in a fresh process on both backends; from the first "
         "run_task to the last SUCCEEDED event",
-        f"a Dask manager waits {SETTLE:g} s before it terminates, until the worker side "
-        "of its last tasks is done with the scheduler (not measured)",
+        "a Dask manager terminates once the worker side of its last tasks is done with "
+        "the scheduler (no cancel Event waits left; not measured)",
         "CPU: time.process_time() of the benchmark process, which also runs the "
         "LocalCluster's scheduler; the worker processes and the task processes are not "
         "counted",

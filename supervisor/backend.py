@@ -84,9 +84,17 @@ class Host(Protocol):
 class Backend(abc.ABC):
     """Where tasks run: start, cancel, kill, reap, and report back to the host."""
 
+    _host: Host | None = None
+
+    @property
+    def host(self) -> Host:
+        """The manager this backend serves (set by :meth:`open`)."""
+        assert self._host is not None, "the backend is not open"
+        return self._host
+
     @abc.abstractmethod
     async def open(self, host: Host) -> None:
-        """Get ready to run tasks for ``host`` (on the manager's loop)."""
+        """Get ready to run tasks for ``host`` (on the manager's loop); set ``_host``."""
 
     def default_max_workers(self) -> int | None:
         """Tasks in flight when the manager's ``max_workers`` is not given (None: CPUs)."""

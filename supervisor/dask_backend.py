@@ -129,7 +129,6 @@ class DaskBackend(Backend):
         self._stopping = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
-        self._host: Host | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -166,11 +165,6 @@ class DaskBackend(Backend):
         return client
 
     # -- Backend --------------------------------------------------------------
-
-    @property
-    def host(self) -> Host:
-        assert self._host is not None, "the backend is not open"
-        return self._host
 
     async def open(self, host: Host) -> None:
         self._host = host

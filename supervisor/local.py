@@ -51,7 +51,6 @@ class LocalBackend(Backend):
 
     def __init__(self, *, subreaper: bool = False) -> None:
         self.subreaper = subreaper
-        self._host: Host | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._running: dict[str, ChildProcess] = {}  # by task id
@@ -67,11 +66,6 @@ class LocalBackend(Backend):
         self._starter_failures = 0
         if subreaper:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-    @property
-    def host(self) -> Host:
-        assert self._host is not None, "the backend is not open"
-        return self._host
 
     async def open(self, host: Host) -> None:
         self._host = host

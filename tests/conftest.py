@@ -173,6 +173,33 @@ def is_alive(proc: psutil.Process) -> bool:
         return True
 
 
+def pids_gone(*pids: int) -> bool:
+    """True once none of ``pids`` runs (a zombie has ended; a vanished pid is gone)."""
+    for pid in pids:
+        try:
+            if is_alive(psutil.Process(pid)):
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (at the time of asking)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(m: Any, task_id: str) -> dict[str, Any]:
+    """Wait for a test animator's ``ready`` message; return its payload (pid, children...)."""
+    import animators
+
+    return wait_for(lambda: animators.ready_info(m.get_task(task_id)))  # type: ignore[no-any-return]
+
+
 def _new_processes(
     before: dict[tuple[int, float], psutil.Process],
 ) -> list[psutil.Process]:

@@ -13,29 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import animators
-import psutil
 import pytest
-from conftest import EventLog, message_texts, wait_for, wait_state, wait_terminal
-
-from supervisor import TaskState
+from conftest import (
+    EventLog,
+    message_texts,
+    pids_gone,
+    wait_for,
+    wait_ready,
+    wait_state,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _gone(*pids: int) -> bool:
-    """True once none of ``pids`` runs (a zombie has ended)."""
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
-
-
-def _ready(m: Any, task_id: str) -> dict[str, Any]:
-    """Wait for the task's ``ready`` message; return its payload (pid, children...)."""
-    return wait_for(lambda: animators.ready_info(m.get_task(task_id)))  # type: ignore[no-any-return]
 
 
 def test_lifecycle_result_events_and_messages(
@@ -99,7 +88,7 @@ def test_cooperative_cancel(backend_manager: Any) -> None:
     m = backend_manager(cancel_grace=10)
     m.register_animator("COOP", animators.Cooperative())
     task_id = m.run_task({"operation": "COOP"})
-    pid = _ready(m, task_id)["pid"]
+    pid = wait_ready(m, task_id)["pid"]
     wait_for(lambda: m.get_task(task_id).get("progress"))
     started = time.monotonic()
     m.cancel_task(task_id)
@@ -107,7 +96,7 @@ def test_cooperative_cancel(backend_manager: Any) -> None:
     assert task["state"] == "CANCELED" and task["cancelRequested"] is True
     assert time.monotonic() - started < 5  # honoured, not killed after the 10 s grace
     assert not any("killed" in text for text in message_texts(task)), task
-    wait_for(lambda: _gone(pid), timeout=5)
+    wait_for(lambda: pids_gone(pid), timeout=5)
 
 
 def test_forced_cancel_kills_a_stubborn_tree(backend_manager: Any) -> None:
@@ -116,15 +105,15 @@ def test_forced_cancel_kills_a_stubborn_tree(backend_manager: Any) -> None:
     m.register_animator("FORKER", animators.Forker())
     stubborn = m.run_task({"operation": "STUBBORN"})
     forker = m.run_task({"operation": "FORKER"})
-    info = _ready(m, stubborn)
-    tree = _ready(m, forker)
+    info = wait_ready(m, stubborn)
+    tree = wait_ready(m, forker)
     m.cancel_task(stubborn)
     m.cancel_task(forker)
     task = wait_terminal(m, stubborn)
     assert task["state"] == "CANCELED"
     assert "killed after cancel grace period (0.5 s)" in message_texts(task)
     assert wait_terminal(m, forker)["state"] == "CANCELED"
-    wait_for(lambda: _gone(info["pid"], tree["pid"], *tree["children"]), timeout=5)
+    wait_for(lambda: pids_gone(info["pid"], tree["pid"], *tree["children"]), timeout=5)
 
 
 @pytest.mark.parametrize(("animator", "words"), [
@@ -146,21 +135,21 @@ def test_crash_leaving_children_kills_them(backend_manager: Any, tmp_path: Path)
     m.register_animator("FORKER", animators.Forker())
     gate = tmp_path / "gate"
     task_id = m.run_task({"operation": "FORKER", "args": {"mode": "crash", "gate": str(gate)}})
-    info = _ready(m, task_id)
+    info = wait_ready(m, task_id)
     gate.touch()
     assert wait_terminal(m, task_id)["state"] == "FAILED"
-    wait_for(lambda: _gone(*info["children"]), timeout=5)
+    wait_for(lambda: pids_gone(*info["children"]), timeout=5)
 
 
 def test_timeout(backend_manager: Any) -> None:
     m = backend_manager()
     m.register_animator("SLOW", animators.Stubborn(), timeout=1.0)
     task_id = m.run_task({"operation": "SLOW"})
-    pid = _ready(m, task_id)["pid"]
+    pid = wait_ready(m, task_id)["pid"]
     task = wait_terminal(m, task_id)
     assert task["state"] == "FAILED"
     assert "timed out after 1 s" in message_texts(task)
-    wait_for(lambda: _gone(pid), timeout=5)
+    wait_for(lambda: pids_gone(pid), timeout=5)
 
 
 def test_memory_limit(backend_manager: Any) -> None:
@@ -178,12 +167,12 @@ def test_max_workers_bounds_tasks_in_flight(backend_manager: Any) -> None:
     m.register_animator("COOP", animators.Cooperative())
     first = m.run_task({"operation": "COOP"})
     second = m.run_task({"operation": "COOP"})
-    _ready(m, first)
+    wait_ready(m, first)
     assert m.get_task(second)["state"] == "NEW"
     assert m.counts()["running"] == 1
     m.cancel_task(first)
     wait_terminal(m, first)
-    _ready(m, second)
+    wait_ready(m, second)
     m.cancel_task(second)
     assert wait_terminal(m, second)["state"] == "CANCELED"
 
@@ -194,9 +183,8 @@ def test_terminate_cancels_and_kills_every_tree(backend_manager: Any) -> None:
     m.register_animator("COOP", animators.Cooperative())
     stubborn = m.run_task({"operation": "STUBBORN"})
     coop = m.run_task({"operation": "COOP"})
-    pids = [_ready(m, stubborn)["pid"], _ready(m, coop)["pid"]]
+    pids = [wait_ready(m, stubborn)["pid"], wait_ready(m, coop)["pid"]]
     m.terminate()
     assert m.get_task(stubborn)["state"] == "CANCELED"
     assert m.get_task(coop)["state"] == "CANCELED"
-    wait_for(lambda: _gone(*pids), timeout=5)
-    assert TaskState.CANCELED.value == "CANCELED"
+    wait_for(lambda: pids_gone(*pids), timeout=5)

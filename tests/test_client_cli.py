@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TIMEOUT, wait_for
+from conftest import TIMEOUT, free_port, wait_for
 from fakes import DummyAccessControl, FakeManager
 from rest_support import ROOT, LiveServer, make_client
 
@@ -170,20 +170,12 @@ def test_api_errors_are_one_line(live: LiveServer, capsys: Any, argv: list[str],
 # -- connection and auth errors ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("argv", [["list"], ["create", "SLEEP", "--wait"], ["watch"]])
 def test_unreachable_server_is_a_one_line_error(argv: list[str]) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rest", "tasks", *argv],
         cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-                       "HOUSEKEEPING_URL": f"http://127.0.0.1:{_free_port()}"},
+                       "HOUSEKEEPING_URL": f"http://127.0.0.1:{free_port()}"},
         capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert done.returncode == cli_client.RET_CONNECTION == 8, done.stderr

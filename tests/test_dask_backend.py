@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,10 +21,12 @@ import psutil
 import pytest
 from conftest import (
     TIMEOUT,
+    free_port,
     kill_processes,
     message_texts,
+    pids_gone,
     wait_for,
-    wait_state,
+    wait_ready,
     wait_terminal,
 )
 
@@ -39,18 +40,12 @@ HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
 
 
-def _gone(*pids: int) -> bool:
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
-
-
-def _ready(m: Any, task_id: str) -> dict[str, Any]:
-    return wait_for(lambda: animators.ready_info(m.get_task(task_id)))  # type: ignore[no-any-return]
+def _accepted(m: Any, create: dict[str, Any]) -> str | None:
+    """run_task, or None while the backend refuses new tasks."""
+    try:
+        return m.run_task(create)  # type: ignore[no-any-return]
+    except BackendUnavailable:
+        return None
 
 
 def _worker_of(task_pid: int) -> psutil.Process:
@@ -66,7 +61,7 @@ def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
     m.register_animator("FORKER", animators.Forker())
     runs = tmp_path / "runs"
     task_id = m.run_task({"operation": "COUNT", "args": {"file": str(runs)}})
-    info = _ready(m, task_id)
+    info = wait_ready(m, task_id)
     worker = _worker_of(info["pid"])
     assert "spawn_main" in " ".join(worker.cmdline())  # a LocalCluster worker process
     worker.send_signal(signal.SIGKILL)
@@ -75,7 +70,7 @@ def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
     assert any(text.startswith("the Dask worker tcp://127.0.0.1:")
                and text.endswith("running the task died or was removed")
                for text in message_texts(task)), task
-    wait_for(lambda: _gone(info["pid"]), timeout=10)  # its starter killed the tree
+    wait_for(lambda: pids_gone(info["pid"]), timeout=10)  # its starter killed the tree
     # Dask reschedules a task whose worker died; the second run must refuse.
     with distributed.Client(dask_cluster, set_as_default=False) as client:
         def forgotten() -> bool:
@@ -98,13 +93,13 @@ def test_an_animator_that_opts_in_is_run_again_after_its_worker_died(
     m.register_animator("RERUN", animators.RerunOnce())
     runs = tmp_path / "runs"
     task_id = m.run_task({"operation": "RERUN", "args": {"file": str(runs)}})
-    info = _ready(m, task_id)
+    info = wait_ready(m, task_id)
     _worker_of(info["pid"]).send_signal(signal.SIGKILL)
     task = wait_terminal(m, task_id, timeout=60)
     assert task["state"] == "SUCCEEDED", message_texts(task)
     assert task["result"] == {"runs": 2}
     assert runs.read_text().count("\n") == 2
-    wait_for(lambda: _gone(info["pid"]), timeout=10)
+    wait_for(lambda: pids_gone(info["pid"]), timeout=10)
     with distributed.Client(dask_cluster, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=TIMEOUT)  # the nanny restarted it
 
@@ -117,7 +112,7 @@ def test_connection_blip_fails_the_task_and_stops_it_on_the_worker(
     m.register_animator("COOP", animators.Cooperative())
     m.register_animator("QUICK", animators.Quick())
     task_id = m.run_task({"operation": "COOP"})
-    pid = _ready(m, task_id)["pid"]
+    pid = wait_ready(m, task_id)["pid"]
     # fault injection: cut the client's connection to the scheduler; it reconnects
     client = backend._client
     client.loop.add_callback(lambda: client.scheduler_comm.comm.abort())
@@ -125,15 +120,9 @@ def test_connection_blip_fails_the_task_and_stops_it_on_the_worker(
     assert task["state"] == "FAILED"
     assert any("unreachable" in text for text in message_texts(task)), message_texts(task)
     # the worker side is told to stop once the scheduler answers again
-    wait_for(lambda: _gone(pid), timeout=15)
+    wait_for(lambda: pids_gone(pid), timeout=15)
 
-    def accepted() -> str | None:
-        try:
-            return m.run_task({"operation": "QUICK"})
-        except BackendUnavailable:
-            return None
-
-    again = wait_for(accepted, timeout=30, interval=0.1)
+    again = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=30, interval=0.1)
     assert wait_terminal(m, again)["state"] == "SUCCEEDED"
 
 
@@ -183,11 +172,11 @@ def test_supervisor_sigkilled_remote_trees_die_within_the_lease(dask_cluster: st
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
         pids = json.loads(line)
-        assert len(pids) == 4 and not _gone(*pids)  # Forker + 2 children, Stubborn
+        assert len(pids) == 4 and not pids_gone(*pids)  # Forker + 2 children, Stubborn
         proc.send_signal(signal.SIGKILL)
         proc.wait(TIMEOUT)
         killed = time.monotonic()
-        wait_for(lambda: _gone(*pids), timeout=20)
+        wait_for(lambda: pids_gone(*pids), timeout=20)
         elapsed = time.monotonic() - killed
         print(f"remote trees gone {elapsed:.2f} s after the supervisor's SIGKILL "
               f"(lease {lease:g} s)")
@@ -201,17 +190,11 @@ def test_supervisor_sigkilled_remote_trees_die_within_the_lease(dask_cluster: st
 # -- a scheduler of our own, to lose and bring back -------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Cluster:
     """A scheduler and workers as separate processes, so the scheduler can be killed."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -273,7 +256,7 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     m.register_animator("QUICK", animators.Quick())
     running = m.run_task({"operation": "COOP"})
     queued = m.run_task({"operation": "COOP"})
-    pid = _ready(m, running)["pid"]
+    pid = wait_ready(m, running)["pid"]
     assert m.get_task(queued)["state"] == "NEW"
 
     own_cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
@@ -288,19 +271,13 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     refused = api.simulate_post("/api/v1/tasks", json={"operation": "QUICK"})
     assert refused.status_code == 503 and "unreachable" in refused.json["message"]
     assert int(refused.headers["Retry-After"]) >= 1
-    wait_for(lambda: _gone(pid), timeout=10)  # the worker side's lease expired
+    wait_for(lambda: pids_gone(pid), timeout=10)  # the worker side's lease expired
 
     own_cluster.procs[0].wait(10)
     own_cluster.scheduler()  # the same address again
     own_cluster.worker()
 
-    def accepted() -> str | None:
-        try:
-            return m.run_task({"operation": "QUICK"})
-        except BackendUnavailable:
-            return None
-
-    task_id = wait_for(accepted, timeout=60, interval=0.2)
+    task_id = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=60, interval=0.2)
     done = wait_terminal(m, task_id, timeout=60)
     assert done["state"] == "SUCCEEDED", done
 
@@ -311,7 +288,7 @@ def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(
     m = manager(backend=DaskBackend(own_cluster.address), max_workers=1, cancel_grace=30)
     m.register_animator("FORKER", animators.Forker())
     task_id = m.run_task({"operation": "FORKER"})
-    info = _ready(m, task_id)
+    info = wait_ready(m, task_id)
     with distributed.Client(own_cluster.address, set_as_default=False) as client:
         (address,) = client.scheduler_info()["workers"]
         client.retire_workers([address])
@@ -319,7 +296,7 @@ def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(
     assert task["state"] == "FAILED"
     assert f"the Dask worker {address} running the task died or was removed" in \
         message_texts(task), message_texts(task)
-    wait_for(lambda: _gone(info["pid"], *info["children"]), timeout=5)  # not the 30 s grace
+    wait_for(lambda: pids_gone(info["pid"], *info["children"]), timeout=5)  # not the 30 s grace
 
 
 def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cluster) -> None:
@@ -328,13 +305,13 @@ def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cl
     m: Manager = manager(backend=backend, max_workers=1, cancel_grace=0.5)
     m.register_animator("COOP", animators.Cooperative())
     task_id = m.run_task({"operation": "COOP"})
-    pid = _ready(m, task_id)["pid"]
+    pid = wait_ready(m, task_id)["pid"]
     own_cluster.procs[0].send_signal(signal.SIGKILL)
     started = time.monotonic()
     m.terminate()
     assert time.monotonic() - started < 30
-    assert wait_state(m, task_id, "CANCELED", "FAILED")["state"] in ("CANCELED", "FAILED")
-    wait_for(lambda: _gone(pid), timeout=10)
+    assert m.get_task(task_id)["state"] in ("CANCELED", "FAILED")  # ended by terminate()
+    wait_for(lambda: pids_gone(pid), timeout=10)
 
 
 
@@ -359,7 +336,7 @@ def test_serve_with_an_unreachable_scheduler_exits_with_its_code() -> None:
 
     done = subprocess.run(
         [sys.executable, "-m", "rest", "serve", "--port", "0", "--dask",
-         f"tcp://127.0.0.1:{_free_port()}"],
+         f"tcp://127.0.0.1:{free_port()}"],
         env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert done.returncode == RET_DASK, done.stderr
