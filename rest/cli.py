@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     return RET_USAGE
 
 
+#: ``--max-queued`` by default: a server is bounded unless told otherwise.
+DEFAULT_MAX_QUEUED = 10_000
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -96,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-workers", type=_positive, default=None, metavar="N",
         help="tasks running at once (default: CPU count; with --dask, the cluster's "
              "worker threads)")
-    add("--max-queued", type=_count, default=None, metavar="N",
-        help="tasks waiting for a slot before 429 (default: no limit)")
+    add("--max-queued", type=_count, default=DEFAULT_MAX_QUEUED, metavar="N",
+        help="tasks waiting for a slot before 429 (default: %(default)s)")
     add("--cancel-grace", type=_seconds, default=5.0, metavar="S",
         help="seconds a canceled task gets before it is killed (default: %(default)s)")
     add("--threads", type=_positive, default=8, metavar="N",
@@ -149,11 +153,15 @@ def serve(args: argparse.Namespace) -> int:
     stop = install_signal_handlers()
     backend = _backend(args.dask)
     try:
+        # NOTE: the server is a child subreaper (the library's default is not:
+        # it changes the host): a daemon that escaped both its task process
+        # and the starter is re-parented here and killed.
         manager = Manager(
             purge_delay=args.purge_delay,
             max_workers=args.max_workers,
             max_queued=args.max_queued,
             cancel_grace=args.cancel_grace,
+            subreaper=backend is None,
             backend=backend,
         )
     except BaseException:

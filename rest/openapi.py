@@ -24,7 +24,8 @@ _ERRORS: dict[str, str] = {
     "400": "The request is malformed; the message names the field or the problem.",
     "401": "Credentials are missing or not valid.",
     "403": "The caller may not do this to tasks of this operation.",
-    "404": "No such task (unknown, purged, or for cancel: already finished).",
+    "404": "No such task (unknown, purged, or for cancel: already finished), or one the "
+           "caller may not view (the same answer, so that ids cannot be probed).",
     "409": "No animator is registered for the operation.",
     "413": f"The request body is larger than {MAX_BODY_BYTES} bytes.",
     "415": "The request body is not declared as UTF-8 JSON (Content-Type).",
@@ -128,6 +129,17 @@ _SCHEMAS: dict[str, Schema] = {
                      "properties": {"id": {"type": "string"}, "objType": {"const": "Task"}}},
             "operation": {"type": "string"},
             "purged": {"const": True},
+        },
+    },
+    "CancelAcknowledged": {
+        "description": "Answered to a caller that may cancel the task's operation but not "
+                       "view it: only the id and the fact that the cancel was asked for.",
+        "type": "object",
+        "required": ["meta", "cancelRequested"],
+        "properties": {
+            "meta": {"type": "object", "required": ["id"],
+                     "properties": {"id": {"type": "string"}}},
+            "cancelRequested": {"const": True},
         },
     },
     "TaskCreate": {
@@ -256,8 +268,11 @@ def build_document(*, auth: bool) -> dict[str, Any]:
         f"{API_PREFIX}/tasks/{{id}}/cancel": {
             "post": operation(
                 "cancelTask", "Ask a task to stop; canceling a canceling task is a no-op.",
-                {"200": {"description": "The task, with cancelRequested true.",
-                         "content": _json(task_or_stub)}},
+                {"200": {"description": "The task, with cancelRequested true (to a caller "
+                                        "that may not view it: only its id and "
+                                        "cancelRequested).",
+                         "content": _json({"anyOf": [_ref("Task"), _ref("PurgedTask"),
+                                                     _ref("CancelAcknowledged")]})}},
                 ["401", "403", "404", "503"], parameters=[_TASK_ID]),
         },
         f"{API_PREFIX}/task-events": {

@@ -79,6 +79,11 @@ def check_task_id(task_id: str) -> None:
                             "characters of A-Z, a-z, 0-9, _ and -")
 
 
+def not_found(task_id: str) -> TaskNotFound:
+    """The error of an unknown id, also for a task the caller may not view."""
+    return TaskNotFound(f"task {task_id!r} not found")
+
+
 def purged_stub(task_id: str, operation: str) -> dict[str, Any]:
     """Describe a task that was purged before the response could show it.
 
@@ -129,11 +134,12 @@ class TaskItem:
         self._guard = guard
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        """Return the task."""
+        """Return the task (404, as for an unknown id, if the caller may not view it)."""
         subject = self._guard.authenticate(req)
         check_task_id(task_id)
         task = self._manager.get_task(task_id)
-        self._guard.require("view", subject, task["operation"])
+        if not self._guard.allows("view", subject, task["operation"]):
+            raise not_found(task_id)
         send_json(resp, task)
 
 
@@ -145,12 +151,24 @@ class TaskCancel:
         self._guard = guard
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        """Cancel the task; 200 with the task, now with ``cancelRequested: true``."""
+        """Cancel the task; 200 with the task, now with ``cancelRequested: true``.
+
+        A caller that may cancel but not view the task gets only its id and
+        ``cancelRequested``; one that may do neither gets the 404 of an
+        unknown id, so that ids it may not see cannot be probed.
+        """
         subject = self._guard.authenticate(req)
         check_task_id(task_id)
         operation: str = self._manager.get_task(task_id)["operation"]
-        self._guard.require("cancel", subject, operation)
+        may_view = self._guard.allows("view", subject, operation)
+        if not self._guard.allows("cancel", subject, operation):
+            if not may_view:
+                raise not_found(task_id)
+            raise ApiError(403, f"not allowed to cancel {operation} tasks")
         self._manager.cancel_task(task_id)
+        if not may_view:
+            send_json(resp, {"meta": {"id": task_id}, "cancelRequested": True})
+            return
         try:
             task = self._manager.get_task(task_id)
         except TaskNotFound:

@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import falcon
 
 from rest.errors import ApiError
+from supervisor.protocol import MAX_JSON_DEPTH, json_depth
 
 #: Largest accepted request body (1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
-#: Deepest accepted nesting of arrays and objects in a body (the manager deep-copies
+#: Deepest accepted nesting of arrays and objects in a body (the manager encodes
 #: and pickles what it is given; unbounded depth would end in RecursionError).
-MAX_DEPTH = 64
+MAX_DEPTH = MAX_JSON_DEPTH
 #: Longest ``objectId`` and ``operation``.
 MAX_NAME_LENGTH = 128
 #: Fields a client may set at creation, in wire order.
@@ -140,26 +141,9 @@ def check_create(body: Any) -> dict[str, Any]:
         if not isinstance(body[name], dict):
             raise ApiError(400, f"{name} must be a JSON object")
         # NOTE: the body is at depth 1 and the field's object at depth 2.
-        if _depth(body[name]) > MAX_DEPTH - 1:
+        if json_depth(body[name]) > MAX_DEPTH - 1:
             raise ApiError(400, f"{name} is nested more than {MAX_DEPTH} levels deep")
     return {name: body[name] for name in CREATE_FIELDS if name in body}
-
-
-def _depth(value: Any) -> int:
-    """Return the nesting depth of a parsed JSON value (a scalar is 0), iteratively."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _read_at_most(stream: _Readable, size: int) -> bytes:

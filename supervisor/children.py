@@ -19,25 +19,31 @@ writes half a frame, or garbage, must not stall the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 from supervisor.protocol import (
+    FRAME_HEADER,
     MAX_MESSAGE_BYTES,
     Exited,
     Finished,
+    Ping,
+    Pong,
     Preload,
     ProtocolError,
     Spawn,
+    SpawnFailed,
     Stop,
+    check_report,
     decode,
     encode,
+    frame,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("housekeeping.children")
 
-_HEADER = struct.Struct("!i")
+_HEADER = FRAME_HEADER
 DATA, EMPTY, EOF = "data", "empty", "eof"  #: what one read of a task pipe saw
 _STARTER_BOOT = (
     "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
@@ -82,23 +88,33 @@ class StarterProcess:
         self.sock = ours
         self.pidfd = os.pidfd_open(self.popen.pid)
 
-    def spawn(self) -> socket.socket:
-        """Ask for one warm process; return the parent's end of its pipe."""
+    def spawn(self, token: int) -> socket.socket:
+        """Ask for one warm process; return the parent's end of its pipe.
+
+        ``token`` comes back in a :class:`SpawnFailed` if the fork fails.
+        """
         assert self.sock is not None
         parent_end, child_end = socket.socketpair()
         try:
-            socket.send_fds(self.sock, [encode(Spawn())], [child_end.fileno()])
+            socket.send_fds(self.sock, [encode(Spawn(token))], [child_end.fileno()])
         finally:
             child_end.close()
-        parent_end.settimeout(5.0)
+        # NOTE: never blocking, in both directions: a task process that stops
+        # reading (or is stopped) must not stall the loop, nor a half frame.
+        parent_end.setblocking(False)
         return parent_end
+
+    def ping(self, seq: int) -> None:
+        """Ask the starter to answer ``Pong(seq)`` (its liveness check)."""
+        assert self.sock is not None
+        self.sock.send(encode(Ping(seq)))
 
     def preload(self, modules: tuple[str, ...]) -> None:
         """Have the starter import animator modules, so later forks inherit them."""
         assert self.sock is not None
         self.sock.send(encode(Preload(modules, tuple(sys.path))))
 
-    def read(self) -> Exited | None:
+    def read(self) -> Exited | SpawnFailed | Pong | None:
         """Read one report; None means the starter closed its socket."""
         assert self.sock is not None
         try:
@@ -108,8 +124,8 @@ class StarterProcess:
         if not data:
             return None
         message = decode(data)
-        if not isinstance(message, Exited):
-            raise ProtocolError(f"unexpected message from the starter: {message!r}")
+        if not isinstance(message, Exited | SpawnFailed | Pong):
+            raise ProtocolError(f"unexpected message from the starter: {message!r}"[:200])
         return message
 
     def request_stop(self) -> None:
@@ -144,6 +160,9 @@ class ChildProcess:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = bytearray()
+        self.outbox = bytearray()  #: frames not yet taken by the pipe
+        self.writing = False  #: the loop waits for the pipe to take :attr:`outbox`
+        self.token = 0  #: names this process's Spawn request to the starter
         self.reading = True  #: False after EOF or a protocol error
         self.pid: int | None = None
         self.pidfd: int | None = None
@@ -161,10 +180,29 @@ class ChildProcess:
         """True once the supervisor decided to kill this tree."""
         return self.forced is not None
 
-    def send(self, message: object) -> None:
-        """Send one frame (blocking at most the socket timeout)."""
-        payload = encode(message)
-        self.sock.sendall(_HEADER.pack(len(payload)) + payload)
+    def send(self, message: object) -> bool:
+        """Queue one frame and write what the pipe takes now, never blocking.
+
+        Returns:
+            True if everything queued is written; False if some waits in
+            :attr:`outbox` (the caller writes it with :meth:`flush` once the
+            pipe is writable).
+
+        Raises:
+            OSError: the pipe is broken (the process is gone).
+        """
+        self.outbox += frame(message)
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write as much of :attr:`outbox` as the pipe takes now; True when it is empty."""
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.outbox[:sent]
+        return True
 
     def read_frames(self) -> tuple[list[object], str, ProtocolError | None]:
         """Read one chunk without blocking.
@@ -178,7 +216,7 @@ class ChildProcess:
         """
         seen = DATA
         try:
-            data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            data = self.sock.recv(1 << 16)
             if not data:
                 seen = EOF
             self.buffer += data
@@ -187,19 +225,22 @@ class ChildProcess:
         except OSError:
             seen = EOF
         messages: list[object] = []
+        buffer, offset = self.buffer, 0
         try:
-            while len(self.buffer) >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(self.buffer)
+            while len(buffer) - offset >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buffer, offset)
                 if size < 0 or size > MAX_MESSAGE_BYTES:
                     raise ProtocolError(f"bad frame length {size}")
-                if len(self.buffer) < _HEADER.size + size:
+                end = offset + _HEADER.size + size
+                if len(buffer) < end:
                     break
-                payload = bytes(self.buffer[_HEADER.size:_HEADER.size + size])
-                del self.buffer[:_HEADER.size + size]
-                messages.append(decode(payload))
+                messages.append(check_report(decode(bytes(buffer[offset + _HEADER.size:end]))))
+                offset = end
         except ProtocolError as exc:
-            self.buffer.clear()
+            buffer.clear()
             return messages, seen, exc
+        # NOTE: one cut per read, not per frame (a chunk may hold thousands).
+        del buffer[:offset]
         return messages, seen, None
 
     def close(self) -> None:
@@ -207,6 +248,10 @@ class ChildProcess:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
+        if self.writing:
+            self.writing = False
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self.sock.fileno())
         self.sock.close()
         if self.pidfd is not None:
             os.close(self.pidfd)

@@ -27,6 +27,18 @@ class Consts:
     subscriber_backlog: int = 10_000
     #: Messages kept per task (the oldest are dropped beyond it).
     max_messages: int = 100
+    #: How long a task process may live after its final report before its
+    #: tree is killed (the report still decides the outcome).
+    exit_grace: float = 1.0
+    #: How often the manager pings the starter.
+    starter_ping_interval: float = 0.5
+    #: A starter that has not answered a ping (or reported a task process's
+    #: exit) within this is stopped or hung: it is killed with its whole tree
+    #: and replaced.
+    starter_deadline: float = 2.0
+    #: First back-off after the starter's fork() failed; doubles, up to the max.
+    spawn_retry: float = 0.05
+    spawn_retry_max: float = 5.0
     #: How long ``terminate()`` waits for the starter to exit before killing it.
     starter_stop_timeout: float = 2.0
     #: Deadlock guard of ``terminate()``: it never waits longer than

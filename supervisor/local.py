@@ -13,6 +13,7 @@ starter's socket and every timer (cancel grace, timeout, SIGTERM→SIGKILL).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -29,9 +30,11 @@ from supervisor.protocol import (
     Cancel,
     Finished,
     Note,
+    Pong,
     Progress,
     ProtocolError,
     Ready,
+    SpawnFailed,
     Start,
     StateChanged,
 )
@@ -64,6 +67,13 @@ class LocalBackend(Backend):
         self._starter = StarterProcess()
         self._starter_started = 0.0
         self._starter_failures = 0
+        self._starter_fault: str | None = None  # why we killed the starter, if we did
+        self._tokens = itertools.count(1)
+        self._spawn_failures = 0  # forks in a row that failed (EAGAIN, ENOMEM)
+        self._spawn_paused = False  # waiting out the back-off after a failed fork
+        self._pings = itertools.count(1)
+        self._ping: tuple[int, asyncio.TimerHandle] | None = None  # unanswered ping
+        self._ticker: asyncio.TimerHandle | None = None
         if subreaper:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
 
@@ -72,6 +82,7 @@ class LocalBackend(Backend):
         self._loop = asyncio.get_running_loop()
         self._warm_target = min(host.max_workers, CONSTS.warm_processes)
         self._start_starter()
+        self._tick()
 
     # -- the starter and warm processes --------------------------------------
 
@@ -80,6 +91,8 @@ class LocalBackend(Backend):
         self._starter = StarterProcess()
         self._starter.start()
         self._starter_started = loop.time()
+        self._starter_fault = None
+        self._spawn_paused = False
         assert self._starter.sock is not None and self._starter.pidfd is not None
         loop.add_reader(self._starter.sock.fileno(), self._on_starter_readable)
         loop.add_reader(self._starter.pidfd, self._on_starter_died)
@@ -104,17 +117,36 @@ class LocalBackend(Backend):
 
     def _replenish(self) -> None:
         """Keep ``_warm_target`` processes forked ahead of need."""
-        if self._stopping or self._starter.sock is None:
+        if self._stopping or self._starter.sock is None or self._spawn_paused:
             return  # no starter: _on_starter_died starts another, then replenishes
         loop = asyncio.get_running_loop()
         while len(self._warm) + len(self._spawning) < self._warm_target:
+            token = next(self._tokens)
             try:
-                sock = self._starter.spawn()
+                sock = self._starter.spawn(token)
             except OSError:
                 return  # the starter is gone; _on_starter_died restarts it
             child = ChildProcess(sock)
+            child.token = token
             self._spawning.add(child)
             loop.add_reader(sock.fileno(), self._on_child_readable, child)
+
+    def _on_spawn_failed(self, failed: SpawnFailed) -> None:
+        """The starter could not fork: forget that process, retry after a back-off."""
+        for child in list(self._spawning):
+            if child.token == failed.token:
+                self._discard(child, replenish=False)
+        self._spawn_failures += 1
+        delay = min(CONSTS.spawn_retry_max, CONSTS.spawn_retry * 2 ** (self._spawn_failures - 1))
+        log.warning("the starter could not fork a task process (%s); retrying in %.2f s",
+                    failed.error, delay)
+        if not self._spawn_paused:
+            self._spawn_paused = True
+            asyncio.get_running_loop().call_later(delay, self._resume_spawning)
+
+    def _resume_spawning(self) -> None:
+        self._spawn_paused = False
+        self._replenish()
 
     # -- starting and running tasks -----------------------------------------
 
@@ -131,9 +163,7 @@ class LocalBackend(Backend):
             main_path=registration.main_path,
             max_memory=registration.max_memory,
         )
-        try:
-            child.send(start)
-        except OSError:
+        if not self._send(child, start):
             self._discard(child)
             return False
         child.task_id = launch.task_id
@@ -150,15 +180,49 @@ class LocalBackend(Backend):
         asyncio.get_running_loop().call_soon(self._replenish)
         return True
 
+    def _send(self, child: ChildProcess, message: object) -> bool:
+        """Send to a task process without blocking; False if its pipe is broken."""
+        try:
+            if child.send(message):
+                return True
+        except OSError:
+            return False
+        # NOTE: the pipe is full (a big Start, a process that stopped reading):
+        # the rest goes out when it is writable, and the loop never waits.
+        if not child.writing:
+            child.writing = True
+            asyncio.get_running_loop().add_writer(child.sock.fileno(), self._on_writable, child)
+        return True
+
+    def _on_writable(self, child: ChildProcess) -> None:
+        try:
+            done = child.flush()
+        except OSError:
+            done = True  # the process is gone; its pidfd tells
+        if done:
+            child.writing = False
+            asyncio.get_running_loop().remove_writer(child.sock.fileno())
+
     def _read(self, child: ChildProcess) -> str:
-        """Read one chunk of a task pipe, handle its messages; return what the read saw."""
+        """Read one chunk of a task pipe, handle its messages; return what the read saw.
+
+        The messages decoded before a bad frame are applied, then the bad frame
+        is the protocol violation that ends the task; nothing after it counts.
+        """
         messages, seen, error = child.read_frames()
         for message in messages:
-            self._handle(child, message)
+            if not child.reading:
+                return EOF  # a message before this one was a violation
+            try:
+                self._handle(child, message)
+            except Exception as exc:  # NOTE: no report may raise on the loop
+                log.exception("task process %s: handling %s failed", child.pid,
+                              type(message).__name__)
+                self._protocol_violation(child, f"{type(exc).__name__} on a report")
         if error is not None:
             self._protocol_violation(child, str(error))
             return EOF
-        return seen
+        return seen if child.reading else EOF
 
     def _on_child_readable(self, child: ChildProcess) -> None:
         if self._read(child) == EOF:
@@ -183,9 +247,18 @@ class LocalBackend(Backend):
         if child.task_id is None:
             self._protocol_violation(child, f"{type(message).__name__} before Start")
             return
+        if child.final is not None:
+            return  # NOTE: the final report was the task's last word
         if isinstance(message, Finished):
-            if child.final is None and not child.killing:
+            if not child.killing:
                 child.final = message
+                # NOTE: a report never ends supervision: the process must
+                # still exit, and if it lingers its tree is killed.
+                child.timers.append(asyncio.get_running_loop().call_later(
+                    CONSTS.exit_grace, self._kill, child, TaskState.FAILED,
+                    f"the task process had not exited {CONSTS.exit_grace:g} s after it",
+                    CONSTS.cancel_term_grace,
+                ))
         elif isinstance(message, Progress | StateChanged | Note):
             error = self.host.task_message(child.task_id, message)
             if error is not None:
@@ -198,6 +271,7 @@ class LocalBackend(Backend):
             self._protocol_violation(child, "a second Ready")
             return
         child.pid = ready.pid
+        self._spawn_failures = 0
         self._spawning.discard(child)
         try:
             child.pidfd = os.pidfd_open(ready.pid)
@@ -218,6 +292,8 @@ class LocalBackend(Backend):
         while child.reading and self._read(child) == DATA:
             pass
         self._stop_reading(child)
+        if not child.reaped:
+            self._send_ping()  # NOTE: the starter must report it, or be found hung
         self._maybe_finish(child)
 
     def _on_starter_readable(self) -> None:
@@ -230,6 +306,14 @@ class LocalBackend(Backend):
             loop = asyncio.get_running_loop()
             if self._starter.sock is not None:
                 loop.remove_reader(self._starter.sock.fileno())
+            return
+        if isinstance(exited, Pong):
+            if self._ping is not None and self._ping[0] == exited.seq:
+                self._ping[1].cancel()
+                self._ping = None
+            return
+        if isinstance(exited, SpawnFailed):
+            self._on_spawn_failed(exited)
             return
         child = self._by_pid.get(exited.pid)
         if child is not None:
@@ -268,10 +352,12 @@ class LocalBackend(Backend):
                 state = TaskState.FAILED
             if state in (TaskState.NEW, TaskState.ACTIVE, TaskState.WAITING):
                 return Outcome(TaskState.FAILED, (f"bad final state {final.state!r}",))
-            notes = (final.reason,) if final.reason else ()
+            notes: tuple[str, ...] = (final.reason,) if final.reason else ()
             if final.error_type == "MemoryError" and child.max_memory:
                 notes = (f"memory limit exceeded (max_memory={child.max_memory} bytes): "
                          f"{final.reason}",)
+            if child.forced is not None:
+                notes += (f"process tree killed after the final report: {child.forced[1]}",)
             result = final.result_json if state is TaskState.SUCCEEDED else None
             return Outcome(state, notes, result, final.traceback)
         if child.forced is not None:
@@ -287,10 +373,7 @@ class LocalBackend(Backend):
         child = self._running.get(task_id)
         if child is None:
             return
-        try:
-            child.send(Cancel())
-        except OSError:
-            pass  # it is exiting; the pidfd tells
+        self._send(child, Cancel())  # NOTE: if it is exiting, the pidfd tells
         grace = self.host.cancel_grace
         child.timers.append(asyncio.get_running_loop().call_later(
             grace, self._kill, child, TaskState.CANCELED,
@@ -317,8 +400,13 @@ class LocalBackend(Backend):
         self, child: ChildProcess, state: TaskState, reason: str,
         term_grace: float = CONSTS.term_grace,
     ) -> None:
-        """Decide the outcome and kill the tree: SIGTERM now, SIGKILL ``term_grace`` later."""
-        if child.killing or child.exited or child.final is not None or child.pid is None:
+        """Decide the outcome and kill the tree: SIGTERM now, SIGKILL ``term_grace`` later.
+
+        NOTE: a final report does not stop this (it would let a task that
+        sends one and lingers switch off its own timeout); the report still
+        decides the outcome if it came first.
+        """
+        if child.killing or child.exited or child.pid is None:
             return
         child.forced = (state, reason)
         log.info("task %s: %s; killing process tree %d", child.task_id, reason, child.pid)
@@ -369,6 +457,49 @@ class LocalBackend(Backend):
         if replenish:
             self._replenish()
 
+    # -- the starter's liveness ----------------------------------------------
+
+    def _tick(self) -> None:
+        """Ping the starter every ``starter_ping_interval`` until step 4 of terminate().
+
+        NOTE: it keeps watching while terminate() waits for the tasks: a
+        stopped starter must not hold the shutdown up either.
+        """
+        self._send_ping()
+        self._ticker = asyncio.get_running_loop().call_later(
+            CONSTS.starter_ping_interval, self._tick)
+
+    def _send_ping(self) -> None:
+        """Ping the starter unless a ping is already out; it has ``starter_deadline``."""
+        if self._ping is not None or self._starter.sock is None:
+            return
+        seq = next(self._pings)
+        try:
+            self._starter.ping(seq)
+        except OSError:
+            return  # it is gone; its pidfd tells
+        deadline = asyncio.get_running_loop().call_later(
+            CONSTS.starter_deadline, self._starter_overdue, seq)
+        self._ping = (seq, deadline)
+
+    def _starter_overdue(self, seq: int) -> None:
+        """The starter did not answer in time (stopped, hung): kill its whole tree."""
+        if self._ping is None or self._ping[0] != seq:
+            return
+        self._ping = None
+        starter = self._starter
+        if starter.pid is None:
+            return
+        self._starter_fault = (
+            f"the starter process {starter.pid} did not answer for "
+            f"{CONSTS.starter_deadline:g} s (stopped or hung); it was killed with every "
+            "task process tree")
+        log.error("%s", self._starter_fault)
+        # NOTE: SIGKILL works on a stopped process; descendants first, so that
+        # none is re-parented before it is signalled. The pidfd then fires and
+        # _on_starter_died fails its tasks and starts another starter.
+        reaper.signal_tree(starter.pid, signal.SIGKILL, starter.pidfd)
+
     # -- the starter's death -------------------------------------------------
 
     def _unwatch_starter(self) -> StarterProcess:
@@ -388,18 +519,22 @@ class LocalBackend(Backend):
         loop = asyncio.get_running_loop()
         starter = self._unwatch_starter()
         code = starter.close()
-        if self._stopping:
-            return
-        log.error("the starter process died (exit code %s); restarting it", code)
+        if self._ping is not None:
+            self._ping[1].cancel()
+            self._ping = None
+        log.error("the starter process died (exit code %s)%s", code,
+                  "" if self._stopping else "; restarting it")
         for child in list(self._warm) + list(self._spawning):
             self._discard(child, replenish=False)
-        reason = f"the starter process died (exit code {code}); task process tree killed"
+        reason = (self._starter_fault
+                  or f"the starter process died (exit code {code}); task process tree killed")
         for child in list(self._running.values()):
             if child.final is None and not child.killing:
                 child.forced = (TaskState.FAILED, reason)
             child.reaped = True  # nobody else will report it
             if child.pid is not None and not child.exited:
-                reaper.kill_tree(child.pid, timeout=1.0)
+                # NOTE: signal, do not wait: the pidfd says when it is gone.
+                reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
         if self.subreaper:
             reaper.kill_adopted(exclude=set())
         # NOTE: a starter that cannot even come up (say, workers fails to
@@ -407,7 +542,8 @@ class LocalBackend(Backend):
         lived = loop.time() - self._starter_started
         self._starter_failures = 0 if lived > 10 else self._starter_failures + 1
         delay = min(5.0, 0.1 * (2 ** self._starter_failures)) if self._starter_failures > 1 else 0
-        loop.call_later(delay, self._restart_starter)
+        if not self._stopping:
+            loop.call_later(delay, self._restart_starter)
         for child in list(self._running.values()):
             self._maybe_finish(child)
 
@@ -430,10 +566,7 @@ class LocalBackend(Backend):
         running = list(self._running.values())
         log.debug("terminate: telling %d children to cancel", len(running))
         for child in running:
-            try:
-                child.send(Cancel())
-            except OSError:
-                pass
+            self._send(child, Cancel())
         if self._running:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.host.cancel_grace)
@@ -459,6 +592,11 @@ class LocalBackend(Backend):
         """Step 4 of terminate(): stop the starter (it kills warm processes), close pipes."""
         loop = asyncio.get_running_loop()
         log.debug("terminate: stopping the starter")
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._ping is not None:
+            self._ping[1].cancel()
+            self._ping = None
         starter = self._unwatch_starter()
         starter.request_stop()
         if starter.pidfd is not None:

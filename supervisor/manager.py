@@ -116,6 +116,7 @@ class Manager(Supervision):
         self._animators: dict[str, Registration] = {}
         self._queue: deque[str] = deque()
         self._running: set[str] = set()  # ids of the tasks the backend runs
+        self._progress_gates = {}  # progress waiting for its window, by task id
         self._terminating = False
         self._terminate_lock = threading.Lock()
         self._terminated = False

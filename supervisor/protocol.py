@@ -6,20 +6,31 @@ Three channels carry these messages:
 * task process -> parent: :class:`Ready`, :class:`Progress`, :class:`StateChanged`,
   :class:`Note`, :class:`Finished`;
 * parent <-> starter (a ``SOCK_SEQPACKET`` socket, file descriptors passed with
-  ``SCM_RIGHTS``): :class:`Spawn`, :class:`Preload`, :class:`Stop` down and
-  :class:`Exited` up.
+  ``SCM_RIGHTS``): :class:`Spawn`, :class:`Preload`, :class:`Ping`,
+  :class:`Stop` down and :class:`Exited`, :class:`SpawnFailed`, :class:`Pong` up.
 
-Messages are pickled. The parent decodes what a child sends with
-:func:`decode`, which refuses every class but the ones defined here: a task
-process is untrusted-ish, and a crafted pickle must not run code in the
-supervisor. Light imports only: the child and the starter import this module.
+The wire format of a task pipe, kept stable (tests of hostile tasks write raw
+frames with it): each message is one *frame*, a 4-byte big-endian signed
+length followed by that many bytes of payload (:func:`frame`; the format of
+``multiprocessing.connection``), and the payload is :func:`encode` of one of
+the message classes here. Starter messages are one payload per
+``SOCK_SEQPACKET`` packet, without the length.
+
+Everything a task process sends is untrusted. The parent decodes it with
+:func:`decode`, which refuses every class but the ones defined here (a crafted
+pickle must not run code in the supervisor), and then checks every field with
+:func:`check_report` (types, sizes, finiteness, a strict result JSON) before
+anything reaches the table. Light imports only: the child and the starter
+import this module.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import pickle
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +38,20 @@ from typing import Any
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Upper bound of a task result, JSON-encoded.
 MAX_RESULT_BYTES = 1024 * 1024
+#: Deepest nesting of arrays and objects in a result (and in a create body).
+MAX_JSON_DEPTH = 64
+#: Longest note, failure reason or error type name kept from a child (characters).
+MAX_TEXT = 4096
+#: Longest traceback kept from a child (characters).
+MAX_TRACEBACK = 64 * 1024
+#: The frame header: the payload's length, 4 bytes, big-endian, signed.
+FRAME_HEADER = struct.Struct("!i")
+#: Latest wall-clock timestamp a child may report (the year 9999 ends there).
+_LAST_TIMESTAMP = 253402300799.0
 
 
+#: Largest byte count in a progress report (a signed 64-bit integer).
+_MAX_PROGRESS = 2**63 - 1
 _PROGRESS_FIELDS = ("percent_complete", "total_bytes", "offset_bytes", "transferred_bytes")
 
 
@@ -49,6 +72,8 @@ def check_progress(values: dict[str, Any]) -> dict[str, int]:
             number = min(100, max(0, number))
         elif number < 0:
             raise ValueError(f"{name} must not be negative")
+        elif number > _MAX_PROGRESS:
+            raise ValueError(f"{name} must be at most {_MAX_PROGRESS}")
         checked[name] = number
     return checked
 
@@ -122,6 +147,30 @@ class Finished:
 class Spawn:
     """Fork one warm process on the pipe end passed alongside (SCM_RIGHTS)."""
 
+    token: int = 0  #: named again by :class:`SpawnFailed` if the fork fails
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """The starter's ``fork()`` failed (EAGAIN, ENOMEM); the parent retries later."""
+
+    token: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Are you alive? The starter answers :class:`Pong` with the same number."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The starter's answer to :class:`Ping`."""
+
+    seq: int
+
 
 @dataclass(frozen=True)
 class Preload:
@@ -150,7 +199,7 @@ class Exited:
 _CLASSES: dict[str, type] = {
     cls.__name__: cls
     for cls in (Start, Cancel, Ready, Progress, StateChanged, Note, Finished,
-                Spawn, Preload, Stop, Exited)
+                Spawn, SpawnFailed, Ping, Pong, Preload, Stop, Exited)
 }
 
 
@@ -172,6 +221,12 @@ def encode(message: object) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def frame(message: object) -> bytes:
+    """Turn a message into one whole frame of a task pipe (header and payload)."""
+    payload = encode(message)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
 def decode(data: bytes) -> object:
     """Turn bytes from an untrusted peer back into a message.
 
@@ -189,3 +244,137 @@ def decode(data: bytes) -> object:
     ]:
         raise ProtocolError(f"not a protocol message: {type(message).__name__}")
     return message
+
+
+# -- checks of what a task process sends ----------------------------------------
+
+
+def clean_text(value: object, limit: int = MAX_TEXT) -> str:
+    """Return ``value`` as a string of at most ``limit`` characters that encodes as UTF-8.
+
+    Raises:
+        ProtocolError: ``value`` is not a string.
+    """
+    if not isinstance(value, str):
+        raise ProtocolError(f"expected a string, got {type(value).__name__}")
+    text = value[:limit]
+    if not text.isascii():
+        # NOTE: a lone surrogate ("\ud800") survives pickle but not UTF-8; it
+        # would make every later JSON answer that shows it fail.
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _optional_text(value: object, limit: int) -> str | None:
+    return None if value is None else clean_text(value, limit)
+
+
+def json_depth(value: Any) -> int:
+    """Return the nesting depth of a parsed JSON value (a scalar is 0), iteratively."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_result_json(text: object) -> str:
+    """Check a result's JSON text strictly; return it in a form safe to serve.
+
+    Strict means: a string of at most :data:`MAX_RESULT_BYTES`, valid JSON
+    without ``NaN``/``Infinity``, nested at most :data:`MAX_JSON_DEPTH` deep.
+
+    Raises:
+        ProtocolError: naming what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ProtocolError(f"result_json is {type(text).__name__}, not a string")
+    if len(text) > MAX_RESULT_BYTES:
+        raise ProtocolError(f"result of {len(text)} characters (limit {MAX_RESULT_BYTES})")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ProtocolError(f"result nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as exc:
+        raise ProtocolError(f"result is not strict JSON: {str(exc)[:200]}") from None
+    # NOTE: counting brackets is an upper bound of the depth at C speed; walk
+    # the value only when it could be too deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
+        raise ProtocolError(f"result nested more than {MAX_JSON_DEPTH} levels deep")
+    if not text.isascii():
+        text = json.dumps(value)  # escapes non-ASCII, lone surrogates included
+    return text
+
+
+def check_timestamp(value: object) -> float:
+    """Check a wall-clock timestamp from a child: a finite number of seconds since 1970."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"timestamp is {type(value).__name__}, not a number")
+    number = float(value)
+    if not 0.0 <= number <= _LAST_TIMESTAMP:  # NaN fails this too
+        raise ProtocolError(f"timestamp {value!r} is out of range")
+    return number
+
+
+_TERMINAL_NAMES = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
+_RUNNING_NAMES = frozenset({"ACTIVE", "WAITING"})
+
+
+def check_report(message: object) -> object:
+    """Check a decoded message from a task process; return it with safe fields.
+
+    Raises:
+        ProtocolError: the message is not one a task process may send, or a
+            field has the wrong type, size or value.
+    """
+    try:
+        if isinstance(message, Progress):
+            if not isinstance(message.values, dict):
+                raise ProtocolError("progress values are not a dict")
+            return Progress(check_progress(message.values), check_timestamp(message.timestamp))
+        if isinstance(message, StateChanged):
+            if message.state not in _RUNNING_NAMES:
+                raise ProtocolError(f"bad state {message.state!r}"[:200])
+            return message
+        if isinstance(message, Note):
+            return Note(clean_text(message.text))
+        if isinstance(message, Finished):
+            return _check_finished(message)
+        if isinstance(message, Ready):
+            if isinstance(message.pid, bool) or not isinstance(message.pid, int) or message.pid < 1:
+                raise ProtocolError(f"bad pid {message.pid!r}"[:200])
+            return message
+    except (TypeError, ValueError) as exc:  # from check_progress
+        raise ProtocolError(f"bad {type(message).__name__}: {exc}"[:300]) from None
+    raise ProtocolError(f"a task process may not send {type(message).__name__}")
+
+
+def _check_finished(message: Finished) -> Finished:
+    if message.state not in _TERMINAL_NAMES:
+        raise ProtocolError(f"bad final state {message.state!r}"[:200])
+    result = None
+    if message.result_json is None:
+        pass  # NOTE: set_state(SUCCEEDED) ends a task with no result (null)
+    elif message.state == "SUCCEEDED":
+        result = check_result_json(message.result_json)
+    else:
+        raise ProtocolError(f"a result with the final state {message.state}")
+    return Finished(
+        state=message.state,
+        result_json=result,
+        reason=_optional_text(message.reason, MAX_TEXT),
+        traceback=_optional_text(message.traceback, MAX_TRACEBACK),
+        error_type=_optional_text(message.error_type, 128),
+    )

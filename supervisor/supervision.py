@@ -18,14 +18,35 @@ from collections import deque
 from typing import Any
 
 from supervisor.backend import Backend, Launch, Outcome, Registration, Report
+from supervisor.consts import CONSTS
 from supervisor.errors import BackendUnavailable, ManagerTerminated
 from supervisor.events import EventHub
-from supervisor.protocol import Note, Progress, StateChanged, check_progress
+from supervisor.protocol import (
+    Note,
+    Progress,
+    ProtocolError,
+    StateChanged,
+    check_progress,
+    check_timestamp,
+    clean_text,
+)
 from supervisor.states import TaskState
 from supervisor.table import TaskTable
 from supervisor.task import Task
 
 log = logging.getLogger("housekeeping.supervisor")
+
+
+class _ProgressGate:
+    """The progress of one task waiting for its coalescing window to end."""
+
+    __slots__ = ("applied", "timer", "timestamp", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.timestamp = 0.0
+        self.applied = -1e9  #: loop time of the last progress applied
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class Supervision:
@@ -42,6 +63,7 @@ class Supervision:
     _running: set[str]
     _terminating: bool
     _backend: Backend
+    _progress_gates: dict[str, _ProgressGate]
 
     def _check_open(self) -> None:
         if self._terminating:
@@ -110,35 +132,78 @@ class Supervision:
         self._dispatch()
 
     def task_message(self, task_id: str, message: Report) -> str | None:
-        """Apply one report of a running task (ignored once it is terminal)."""
+        """Apply one report of a running task (ignored once it is terminal).
+
+        Progress is coalesced here too, whatever the child does: at most one
+        progress version per ``Consts.progress_interval`` per task, the latest
+        value applied at the end of the window. Any other report first applies
+        the progress pending before it, so the order of changes is kept.
+        """
+        if isinstance(message, Progress):
+            try:
+                values = check_progress(dict(message.values))
+                timestamp = check_timestamp(message.timestamp)
+            except (TypeError, ValueError, ProtocolError) as exc:
+                return f"bad progress: {exc}"
+            self._gate_progress(task_id, values, timestamp)
+            return None
+        self._flush_progress(task_id)
         with self._lock:
             task = self._table.get(task_id)
             if task is None or task.terminal:
                 return None
-            if isinstance(message, Progress):
-                try:
-                    values = check_progress(dict(message.values))
-                    timestamp = float(message.timestamp)
-                except (TypeError, ValueError) as exc:
-                    return f"bad progress: {exc}"
-                task.set_progress(values, timestamp)
-            elif isinstance(message, StateChanged):
+            if isinstance(message, StateChanged):
                 if message.state not in (TaskState.ACTIVE.value, TaskState.WAITING.value):
-                    return f"bad state {message.state!r}"
+                    return f"bad state {message.state!r}"[:200]
                 new = TaskState(message.state)
                 if new is task.state:
                     return None
                 task.transition(new)
             elif isinstance(message, Note):
-                task.note(str(message.text)[:4096])
+                task.note(clean_text(message.text))
                 task.touch()
             else:
                 return f"unexpected {type(message).__name__}"
             self._publish("PATCH", task)
         return None
 
+    def _gate_progress(self, task_id: str, values: dict[str, int], timestamp: float) -> None:
+        """Apply progress now, or merge it into the window's pending value."""
+        loop = asyncio.get_running_loop()
+        gate = self._progress_gates.get(task_id)
+        if gate is None:
+            gate = self._progress_gates[task_id] = _ProgressGate()
+        gate.values.update(values)
+        gate.timestamp = timestamp
+        if gate.timer is not None:
+            return
+        wait = gate.applied + CONSTS.progress_interval - loop.time()
+        if wait <= 0:
+            self._flush_progress(task_id)
+        else:
+            gate.timer = loop.call_later(wait, self._flush_progress, task_id)
+
+    def _flush_progress(self, task_id: str) -> None:
+        """Apply the progress pending for a task, if any."""
+        gate = self._progress_gates.get(task_id)
+        if gate is None or not gate.values:
+            return
+        if gate.timer is not None:
+            gate.timer.cancel()
+            gate.timer = None
+        values, gate.values = gate.values, {}
+        gate.applied = asyncio.get_running_loop().time()
+        with self._lock:
+            task = self._table.get(task_id)
+            if task is None or task.terminal:
+                return
+            task.set_progress(values, gate.timestamp)
+            self._publish("PATCH", task)
+
     def task_finished(self, task_id: str, outcome: Outcome) -> None:
         """Record the task's one terminal state and free its slot."""
+        self._flush_progress(task_id)  # NOTE: the last progress is never lost
+        self._progress_gates.pop(task_id, None)
         with self._lock:
             self._running.discard(task_id)
             task = self._table.get(task_id)

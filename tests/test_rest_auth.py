@@ -33,6 +33,7 @@ def token_document() -> dict[str, Any]:
         {"sha256": digest("dash-token"), "subject": "dashboard", "view": ["*"]},
         {"sha256": digest("hash-token").upper(), "subject": "hasher",
          "view": ["HASH"], "create": ["HASH"], "cancel": ["HASH"]},
+        {"sha256": digest("reaper-token"), "subject": "reaper", "cancel": ["SLEEP"]},
     ]}
 
 
@@ -126,7 +127,7 @@ def test_every_entry_is_compared_in_constant_time(
     monkeypatch.setattr(hmac, "compare_digest", spy)
     control = TokenAccessControl.from_file(token_file)
     assert control.authenticate(testing.create_req(headers=bearer("ops-token"))) is not None
-    assert len(calls) == 3  # no early exit on the first entry's match
+    assert len(calls) == len(token_document()["tokens"])  # no early exit on the first match
 
 
 # -- HTTP: 401 ---------------------------------------------------------------------------
@@ -182,8 +183,9 @@ def test_auth_matrix(secured: tuple[testing.TestClient, FakeManager]) -> None:
     # hasher: HASH only
     assert status("POST", TASKS, "hash-token", create_hash) == 201
     assert status("POST", TASKS, "hash-token", create_sleep) == 403
-    assert status("GET", f"{TASKS}/{sleep_id}", "hash-token") == 403
-    assert status("POST", f"{TASKS}/{sleep_id}/cancel", "hash-token") == 403
+    # a task the subject may not view looks like an unknown id, on GET and cancel
+    assert status("GET", f"{TASKS}/{sleep_id}", "hash-token") == 404
+    assert status("POST", f"{TASKS}/{sleep_id}/cancel", "hash-token") == 404
     assert status("POST", f"{TASKS}/{hash_id}/cancel", "hash-token") == 200
     assert fake.tasks[sleep_id]["cancelRequested"] is False
     # unknown ids stay 404 for whoever may ask
@@ -191,6 +193,35 @@ def test_auth_matrix(secured: tuple[testing.TestClient, FakeManager]) -> None:
 
     forbidden = client.simulate_post(TASKS, json=create_sleep, headers=bearer("hash-token"))
     assert_error(forbidden.status_code, forbidden.json, 403, "create", "SLEEP")
+
+
+def test_a_hidden_task_is_indistinguishable_from_an_unknown_id(
+    secured: tuple[testing.TestClient, FakeManager],
+) -> None:
+    client, fake = secured
+    sleep_id = fake.run_task({"operation": "SLEEP"})
+    unknown_id = "SLEEP999999"
+    for path in ("", "/cancel"):
+        method = "POST" if path else "GET"
+        hidden = client.simulate_request(method, f"{TASKS}/{sleep_id}{path}",
+                                         headers=bearer("hash-token"))
+        unknown = client.simulate_request(method, f"{TASKS}/{unknown_id}{path}",
+                                          headers=bearer("hash-token"))
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.json["message"].replace(sleep_id, unknown_id) == unknown.json["message"]
+
+
+def test_cancel_without_view_answers_only_the_id(
+    secured: tuple[testing.TestClient, FakeManager],
+) -> None:
+    client, fake = secured
+    sleep_id = fake.run_task({"operation": "SLEEP", "args": {"secret": "s3"}})
+    answer = client.simulate_post(f"{TASKS}/{sleep_id}/cancel", headers=bearer("reaper-token"))
+    assert answer.status_code == 200
+    assert answer.json == {"meta": {"id": sleep_id}, "cancelRequested": True}
+    assert fake.tasks[sleep_id]["cancelRequested"] is True
+    assert client.simulate_get(f"{TASKS}/{sleep_id}",
+                               headers=bearer("reaper-token")).status_code == 404
 
 
 def test_list_shows_only_what_the_subject_may_view(

@@ -187,7 +187,7 @@ def test_auth_matrix_and_429(secured: LiveServer) -> None:
     sleep_task = create(secured, {"operation": "SLEEP", "args": {"seconds": 60}}, headers=ops)
     sleep_id = sleep_task["meta"]["id"]
     assert secured.post(TASKS, json={"operation": "SLEEP"}, headers=viewer).status_code == 403
-    assert secured.get(f"{TASKS}/{hash_task['meta']['id']}", headers=viewer).status_code == 403
+    assert secured.get(f"{TASKS}/{hash_task['meta']['id']}", headers=viewer).status_code == 404
     assert secured.get(f"{TASKS}/{sleep_id}", headers=viewer).status_code == 200
     assert [t["meta"]["id"] for t in secured.get(TASKS, headers=viewer).json()] == [sleep_id]
     assert secured.post(f"{TASKS}/{sleep_id}/cancel", headers=viewer).status_code == 403

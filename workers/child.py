@@ -25,7 +25,16 @@ from typing import Any
 import uvloop  # imported here, in the starter, so that forks inherit it
 
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
-from supervisor.protocol import MAX_RESULT_BYTES, Finished, Ready, Start, decode, encode
+from supervisor.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_RESULT_BYTES,
+    Finished,
+    Ready,
+    Start,
+    decode,
+    encode,
+    json_depth,
+)
 from supervisor.states import TaskState
 from workers.ops import TaskEnded, TaskOps
 
@@ -48,6 +57,9 @@ def run_warm_process(fd: int) -> int:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # NOTE: the pipe came through SCM_RIGHTS without close-on-exec; a program
+    # the task execs (os.posix_spawn, os.exec*) must not inherit it.
+    os.set_inheritable(fd, False)
     conn = Connection(fd)
     try:
         conn.send_bytes(encode(Ready(os.getpid())))
@@ -66,6 +78,7 @@ def run_warm_process(fd: int) -> int:
 def run_task(start: Start, conn: Connection) -> int:
     """Prepare the process for ``start``, run the animator, send the final report."""
     ops = TaskOps(start.task, conn)
+    os.register_at_fork(after_in_child=ops.detach)
     try:
         final = _execute(start, ops)
     except Terminated as exc:
@@ -131,6 +144,13 @@ def _encode_result(result: Any) -> Finished:
         return Finished(
             TaskState.FAILED.value,
             reason=f"result too large: {len(text)} bytes of JSON (limit {MAX_RESULT_BYTES})",
+            error_type="ResultError",
+        )
+    # NOTE: the parent refuses deeper results as a protocol error; say it here first.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(result) > MAX_JSON_DEPTH:
+        return Finished(
+            TaskState.FAILED.value,
+            reason=f"result nested more than {MAX_JSON_DEPTH} levels deep",
             error_type="ResultError",
         )
     return Finished(TaskState.SUCCEEDED.value, result_json=text)

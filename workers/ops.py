@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -66,8 +67,8 @@ class TaskOps:
         Cheap enough for a hot loop: the pipe is looked at no more often than
         every ``Consts.cancel_poll_interval``.
         """
-        if self._canceled:
-            return True
+        if self._canceled or self._parent_gone:
+            return self._canceled
         now = self._clock()
         if now - self._last_poll >= CONSTS.cancel_poll_interval:
             self._last_poll = now
@@ -145,6 +146,20 @@ class TaskOps:
         self._timer_armed = False
         self.flush()
         self._send(message)
+
+    def detach(self) -> None:
+        """Close the pipe in a process forked by the task process (an at-fork hook).
+
+        Only the task process speaks for its task: a helper it forks must not
+        send a report by accident (say, a final one from the same handler
+        that wraps ``execute``). In the helper, reports go nowhere and
+        :meth:`is_canceled` keeps the answer it had at the fork.
+        """
+        self._parent_gone = True
+        self._timer_armed = False
+        self._pending = {}
+        with contextlib.suppress(OSError):
+            self._conn.close()
 
     def set_cancel_hook(self, hook: Callable[[], None] | None) -> None:
         """Call ``hook`` once when the cancel arrives (cancels the asyncio task)."""

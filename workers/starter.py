@@ -33,7 +33,18 @@ from supervisor.linux import (
     descendants_of,
     prctl,
 )
-from supervisor.protocol import Exited, Preload, Spawn, Stop, decode, encode
+from supervisor.protocol import (
+    Exited,
+    Ping,
+    Pong,
+    Preload,
+    ProtocolError,
+    Spawn,
+    SpawnFailed,
+    Stop,
+    decode,
+    encode,
+)
 from workers.child import run_warm_process
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
@@ -63,9 +74,16 @@ class Starter:
         self.known: set[int] = set()
         self.exits: list[Exited] = []
 
-    def spawn(self, fd: int) -> None:
-        """Fork one warm process on pipe end ``fd``."""
-        pid = os.fork()
+    def spawn(self, fd: int, token: int = 0) -> None:
+        """Fork one warm process on pipe end ``fd``; report a failed fork, never die of it."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # NOTE: EAGAIN or ENOMEM (a task may exhaust the process limit); the
+            # parent retries with back-off, and the tasks running now go on.
+            os.close(fd)
+            self.send(SpawnFailed(token, f"{type(exc).__name__}: {exc}"))
+            return
         if pid == 0:
             code = 70
             try:
@@ -99,10 +117,14 @@ class Starter:
             self.kill_orphans()
         exits, self.exits = self.exits, []
         for exited in exits:
-            try:
-                self.sock.send(encode(exited))
-            except OSError:
-                raise ParentGone() from None
+            self.send(exited)
+
+    def send(self, message: object) -> None:
+        """Send one report to the parent."""
+        try:
+            self.sock.send(encode(message))
+        except OSError:
+            raise ParentGone() from None
 
     def kill_orphans(self) -> None:
         """Kill and reap every child that is not a task process of ours."""
@@ -182,10 +204,18 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
         return False  # the manager is gone, as with EOF
     if not data:
         return False
-    message = decode(data)
+    try:
+        message = decode(data)
+    except ProtocolError:
+        message = None  # the parent is ours; nothing else can write here
     if isinstance(message, Spawn):
         for fd in fds:
-            starter.spawn(fd)
+            starter.spawn(fd, message.token)
+    else:
+        for fd in fds:
+            os.close(fd)
+    if isinstance(message, Ping):
+        starter.send(Pong(message.seq))
     elif isinstance(message, Preload):
         if message.sys_path:
             sys.path[:] = list(message.sys_path)
