@@ -426,10 +426,15 @@ class LocalBackend(Backend):
             if child.pid is not None and not child.exited:
                 reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
             return
-        if not child.killing and not child.exited and child.pid is not None:
+        if not child.killing and child.pid is not None:
+            # NOTE: also once the process has exited: the bad frame may be read
+            # only by the drain after its pidfd fired (it wrote a lot and left at
+            # once), and the outcome must still name the protocol error, not say
+            # that the process "exited without reporting a result".
             child.forced = (TaskState.FAILED, f"protocol error: {what}")
             child.final = None
-            reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
+            if not child.exited:
+                reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
 
     def _discard(self, child: ChildProcess, replenish: bool = True) -> None:
         """Forget a process that never took (or can no longer take) a task."""

@@ -1,0 +1,61 @@
+"""Injected fork failures in the starter: ``os.fork()`` raises EAGAIN on demand.
+
+Real pid exhaustion is no way to test this (root ignores ``RLIMIT_NPROC``,
+and it would starve the machine), so this module wraps ``os.fork`` when it is
+imported with :data:`COUNTER_ENV` set. Registering :class:`Forked` makes the
+starter import ("preload") this module, so the wrapper runs in the starter;
+it fails a fork only there: in the process that imported the module (not in
+the task processes the starter forks), and never in the test process, whose
+pid :data:`EXEMPT_ENV` holds. Each failed fork takes one from the counter
+file named by :data:`COUNTER_ENV`; at 0, forks succeed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from supervisor import Animator
+
+#: The environment variable naming the counter file (forks still to fail).
+COUNTER_ENV = "HOUSEKEEPING_TEST_FORK_FAILURES"
+#: The environment variable holding the pid of the test process (never faulted).
+EXEMPT_ENV = "HOUSEKEEPING_TEST_FORK_EXEMPT"
+
+_IMPORTED_BY = os.getpid()
+_real_fork = os.fork
+
+
+def take_failure(path: str) -> bool:
+    """Take one failure from the counter file; False when it holds 0 (or nothing)."""
+    try:
+        with open(path) as f:
+            left = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if left <= 0:
+        return False
+    with open(path + ".tmp", "w") as f:
+        f.write(str(left - 1))
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def _fork() -> int:
+    """``os.fork``, failing with EAGAIN while the counter says so (in the importer only)."""
+    path = os.environ.get(COUNTER_ENV)
+    if path and os.getpid() == _IMPORTED_BY and take_failure(path):
+        raise OSError(errno.EAGAIN, f"{os.strerror(errno.EAGAIN)} (injected by fork_faults)")
+    return _real_fork()
+
+
+if os.environ.get(COUNTER_ENV) and os.environ.get(EXEMPT_ENV) != str(os.getpid()):
+    os.fork = _fork
+
+
+class Forked(Animator):
+    """Return at once; the module it lives in is what counts (see the docstring)."""
+
+    def execute(self, ops: Any) -> Any:
+        return {"forked": True}
