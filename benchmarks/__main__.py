@@ -28,6 +28,7 @@ BENCHMARKS = {
     "memory": "benchmarks.memory",
     "scaling": "benchmarks.scaling",
     "dask": "benchmarks.dask_backend",
+    "hostile": "benchmarks.hostile",
 }
 #: Hard time limit of one benchmark (seconds): quick, full.
 LIMITS = {"quick": 60.0, "full": 300.0}

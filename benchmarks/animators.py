@@ -109,6 +109,23 @@ class Cooperative(Animator):
         return "not canceled"
 
 
+class Ticking(Animator):
+    """Like :class:`Cooperative`, reporting progress on every poll (args are ignored)."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Report progress every 10 ms until canceled."""
+        ops.message(f"running {os.getpid()}")
+        deadline = time.monotonic() + CHILD_LIFETIME
+        tick = 0
+        while time.monotonic() < deadline:
+            if ops.is_canceled():
+                ops.set_state(TaskState.CANCELED)
+            tick += 1
+            ops.set_progress(percent_complete=tick % 100, transferred_bytes=tick)
+            time.sleep(POLL)
+        return "not canceled"
+
+
 class Stubborn(Animator):
     """Ignore SIGTERM and every cancel; say "running" and sleep until killed."""
 
@@ -157,6 +174,7 @@ def register(manager: Any) -> None:
     manager.register_animator("STARTED", Started())
     manager.register_animator("ANNOUNCE", Announce())
     manager.register_animator("HOLD", Cooperative())
+    manager.register_animator("TICK", Ticking())
     manager.register_animator("STUBBORN", Stubborn())
     manager.register_animator("TREE", Tree())
     manager.register_animator("FLOOD", Flood())

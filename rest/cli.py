@@ -149,8 +149,10 @@ def serve(args: argparse.Namespace) -> int:
     from rest.app import RestOptions, install_error_handling, register_handlers
     from rest.server import AccessLog, Server, install_signal_handlers
     from supervisor import Manager
+    from supervisor.linux import return_large_blocks
 
     stop = install_signal_handlers()
+    return_large_blocks()  # NOTE: big bodies' memory goes back to the system once freed
     backend = _backend(args.dask)
     try:
         # NOTE: the server is a child subreaper (the library's default is not:

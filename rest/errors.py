@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import falcon
+
+from supervisor.snapshot import encode_json
+
+__all__ = ["JSON_TYPE", "ApiError", "encode_json", "error_body", "serialize_error"]
 
 if TYPE_CHECKING:
     from falcon.http_error import HTTPError
@@ -56,20 +59,6 @@ def error_body(exc: HTTPError) -> dict[str, Any]:
         title = exc.title or ""
         message = title.split(" ", 1)[1] if title[:3].isdigit() else title
     return {"code": exc.status_code, "message": message}
-
-
-def encode_json(value: Any) -> bytes:
-    """Encode ``value`` as compact UTF-8 JSON that never fails on odd strings.
-
-    NOTE: a lone surrogate (``"\\ud800"``, valid in a JSON escape and so in a
-    posted body or a task result) cannot be encoded as UTF-8; such a document
-    falls back to ASCII escapes instead of failing the response.
-    """
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: HTTPError) -> None:

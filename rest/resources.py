@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rest.errors import JSON_TYPE, ApiError, encode_json
 from rest.validation import MAX_NAME_LENGTH, parse_create
 from supervisor import TaskNotFound
+from supervisor.snapshot import ChangeEvent, TaskSnapshot
 
 if TYPE_CHECKING:
     import falcon
@@ -36,17 +37,17 @@ class TaskManager(Protocol):
     def run_task(self, create: dict[str, Any]) -> str:
         """Validate and queue a task; return its id."""
 
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        """Return the task's wire dict."""
+    def get_snapshot(self, task_id: str) -> TaskSnapshot:
+        """Return the task's current snapshot (its JSON, its operation, ...)."""
 
-    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
-        """Return the tasks, in creation order, optionally of one operation."""
+    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
+        """Return the tasks' snapshots, in creation order, optionally of one operation."""
 
     def cancel_task(self, task_id: str) -> None:
         """Ask a task to stop."""
 
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Deliver change events to ``callback``; return the unsubscribe function."""
+    def subscribe_changes(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
+        """Deliver the shared change events to ``callback``; return the unsubscribe function."""
 
     def registered_operations(self) -> list[str]:
         """Return the operations that have an animator, sorted."""
@@ -54,12 +55,22 @@ class TaskManager(Protocol):
     def counts(self) -> dict[str, int]:
         """Return the number of tasks by state."""
 
+    def counts_by_operation(self) -> dict[str, dict[str, int]]:
+        """Return the number of tasks by operation and state."""
+
 
 def send_json(resp: falcon.Response, value: Any, status: int = 200) -> None:
     """Write ``value`` as the JSON body of ``resp``."""
     resp.status = status
     resp.content_type = JSON_TYPE
     resp.data = encode_json(value)
+
+
+def send_snapshot(resp: falcon.Response, snapshot: TaskSnapshot, status: int = 200) -> None:
+    """Write a task's JSON as the body of ``resp`` (as it is: nothing is decoded)."""
+    resp.status = status
+    resp.content_type = JSON_TYPE
+    resp.data = snapshot.json()
 
 
 def operation_param(req: falcon.Request) -> str | None:
@@ -104,10 +115,11 @@ class TaskCollection:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the tasks the caller may view, in creation order."""
         subject = self._guard.authenticate(req)
-        tasks = self._manager.list_tasks(operation_param(req))
+        tasks = self._manager.list_snapshots(operation_param(req))
         if self._guard.enabled:
-            tasks = [t for t in tasks if self._guard.allows("view", subject, t["operation"])]
-        send_json(resp, tasks)
+            tasks = [t for t in tasks if self._guard.allows("view", subject, t.operation)]
+        resp.content_type = JSON_TYPE
+        resp.data = b"[" + b",".join(task.json() for task in tasks) + b"]"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Create a task: 201 with the task and its ``Location``."""
@@ -120,10 +132,9 @@ class TaskCollection:
         task_id = self._manager.run_task(create)
         resp.location = f"{API_PREFIX}/tasks/{task_id}"
         try:
-            task = self._manager.get_task(task_id)
+            send_snapshot(resp, self._manager.get_snapshot(task_id), 201)
         except TaskNotFound:
-            task = purged_stub(task_id, operation)
-        send_json(resp, task, 201)
+            send_json(resp, purged_stub(task_id, operation), 201)
 
 
 class TaskItem:
@@ -137,10 +148,10 @@ class TaskItem:
         """Return the task (404, as for an unknown id, if the caller may not view it)."""
         subject = self._guard.authenticate(req)
         check_task_id(task_id)
-        task = self._manager.get_task(task_id)
-        if not self._guard.allows("view", subject, task["operation"]):
+        task = self._manager.get_snapshot(task_id)
+        if not self._guard.allows("view", subject, task.operation):
             raise not_found(task_id)
-        send_json(resp, task)
+        send_snapshot(resp, task)
 
 
 class TaskCancel:
@@ -159,7 +170,7 @@ class TaskCancel:
         """
         subject = self._guard.authenticate(req)
         check_task_id(task_id)
-        operation: str = self._manager.get_task(task_id)["operation"]
+        operation = self._manager.get_snapshot(task_id).operation
         may_view = self._guard.allows("view", subject, operation)
         if not self._guard.allows("cancel", subject, operation):
             if not may_view:
@@ -170,10 +181,9 @@ class TaskCancel:
             send_json(resp, {"meta": {"id": task_id}, "cancelRequested": True})
             return
         try:
-            task = self._manager.get_task(task_id)
+            send_snapshot(resp, self._manager.get_snapshot(task_id))
         except TaskNotFound:
-            task = purged_stub(task_id, operation)
-        send_json(resp, task)
+            send_json(resp, purged_stub(task_id, operation))
 
 
 class Health:

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     import falcon
 
     from rest.auth import Guard
-    from rest.resources import Event, TaskManager
+    from rest.resources import TaskManager
+    from supervisor.snapshot import ChangeEvent
 
 log = logging.getLogger("housekeeping.rest")
 
@@ -49,9 +50,17 @@ _KEEPALIVE = b": keep-alive\n\n"
 _CLOSING = b": server shutting down\n\n"
 
 
-def format_event(event: Event) -> bytes:
-    """Encode one change event as an SSE message."""
-    return b"event: %s\ndata: %s\n\n" % (str(event["method"]).encode("ascii"), encode_json(event))
+def format_event(event: ChangeEvent) -> bytes:
+    """Encode one change event as an SSE message (its JSON spliced from the snapshot)."""
+    return b"".join((b"event: ", event.method.encode("ascii"), b"\ndata: ", event.json(),
+                     b"\n\n"))
+
+
+def format_dropped() -> bytes:
+    """The last SSE message of a stream that fell too far behind."""
+    body: dict[str, Any] = {"method": "DROPPED", "uri": "/tasks", "scope": {}, "task": None,
+            "message": DROPPED_MESSAGE}
+    return b"event: DROPPED\ndata: " + encode_json(body) + b"\n\n"
 
 
 class EventStreams:
@@ -110,20 +119,20 @@ class EventStreams:
             stream = EventStream(self, subject, operation, self._mailbox_size)
             self._open.add(stream)
         try:
-            stream.unsubscribe = self.manager.subscribe(stream.deliver)
+            stream.unsubscribe = self.manager.subscribe_changes(stream.deliver)
         except BaseException:
             self.release(stream)
             raise
         return stream
 
-    def visible(self, subject: Any, operation: str | None, event: Event) -> bool:
+    def visible(self, subject: Any, operation: str | None, event: ChangeEvent) -> bool:
         """Tell whether ``event`` belongs on a stream of ``subject`` filtered to ``operation``."""
-        task = event.get("task")
+        task = event.task
         if task is None:
             return True
-        if operation is not None and task.get("operation") != operation:
+        if operation is not None and task.operation != operation:
             return False
-        return self._guard.allows("view", subject, task.get("operation", ""))
+        return self._guard.allows("view", subject, task.operation)
 
     def release(self, stream: EventStream) -> None:
         """Forget a stream that ended (called by the stream itself)."""
@@ -148,7 +157,7 @@ class EventStream:
         self._streams = streams
         self._subject = subject
         self._operation = operation
-        self._mailbox: deque[Event] = deque()
+        self._mailbox: deque[ChangeEvent] = deque()
         self._mailbox_size = mailbox_size
         self._cond = threading.Condition()
         self._ended = False  # set by close() or end(); read under _cond
@@ -157,7 +166,7 @@ class EventStream:
         #: tells whether the client hung up (waitress's ``client_disconnected``), if known
         self.client_gone: Callable[[], bool] | None = None
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: ChangeEvent) -> None:
         """Take one event from the manager (its subscriber thread); filter and queue it."""
         if not self._streams.visible(self._subject, self._operation, event):
             return
@@ -188,7 +197,7 @@ class EventStream:
         poll = min(keepalive, DISCONNECT_POLL) if self.client_gone else keepalive
         last_write = time.monotonic()
         while True:
-            event: Event | None = None
+            event: ChangeEvent | None = None
             with self._cond:
                 if not self._mailbox and not self._ended:
                     self._cond.wait(poll)
@@ -205,8 +214,8 @@ class EventStream:
                 if time.monotonic() - last_write < keepalive:
                     continue
                 chunk = _KEEPALIVE
-            elif event.get("method") == "DROPPED":
-                yield format_event({**event, "message": DROPPED_MESSAGE})
+            elif event.method == "DROPPED":
+                yield format_dropped()
                 return
             else:
                 chunk = format_event(event)

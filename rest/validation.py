@@ -17,12 +17,15 @@ first failure answers:
 from __future__ import annotations
 
 import json
+import re
+from json.decoder import scanstring  # type: ignore[attr-defined]  # public, not in the stubs
 from typing import Any, Protocol
 
 import falcon
 
 from rest.errors import ApiError
 from supervisor.protocol import MAX_JSON_DEPTH, json_depth
+from supervisor.task import ParsedCreate
 
 #: Largest accepted request body (1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
@@ -57,7 +60,19 @@ def parse_create(req: falcon.Request) -> dict[str, Any]:
         ApiError: 415, 413 or 400 as described in the module docstring.
     """
     check_content_type(req.content_type)
-    return check_create(decode_json(read_body(req)))
+    text = decode_text(read_body(req))
+    found = _object_with_spans(text)
+    if found is None:  # not a well-formed object: json.loads says what is wrong
+        return check_create(decode_json(text))
+    body, spans = found
+    create = ParsedCreate(check_create(body))
+    create.json_text = {}
+    for name in ("serviceStates", "args"):
+        start, end = spans.get(name, (0, 0))
+        part = text[start:end]
+        if isinstance(create.get(name), dict) and "\n" not in part and "\r" not in part:
+            create.json_text[name] = part.encode("utf-8")
+    return create
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -94,12 +109,17 @@ def read_body(req: falcon.Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return data
 
 
-def decode_json(data: bytes) -> Any:
-    """Parse strict UTF-8 JSON (no NaN/Infinity, bounded nesting), else 400."""
+def decode_text(data: bytes) -> str:
+    """Decode a body as UTF-8, else 400."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8") from None
+
+
+def decode_json(data: bytes | str) -> Any:
+    """Parse strict UTF-8 JSON (no NaN/Infinity, bounded nesting), else 400."""
+    text = decode_text(data) if isinstance(data, bytes) else data
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
@@ -146,6 +166,58 @@ def check_create(body: Any) -> dict[str, Any]:
     return {name: body[name] for name in CREATE_FIELDS if name in body}
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, index: int) -> int:
+    """The index of the first non-whitespace character at or after ``index``."""
+    found = _WHITESPACE.match(text, index)
+    return found.end() if found is not None else index
+
+
+def _object_with_spans(text: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]] | None:
+    """Parse a JSON object, keeping where each top-level value's text is.
+
+    The values are parsed by the json module's own scanner (strict, no
+    NaN), so the result is what ``json.loads`` gives; the spans let the
+    manager keep ``args`` as the text received instead of encoding it again.
+    None for anything but a well-formed object (the caller then lets
+    ``json.loads`` name the problem).
+    """
+    try:
+        index = _skip(text, 0)
+        if text[index:index + 1] != "{":
+            return None
+        index = _skip(text, index + 1)
+        values: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        if text[index:index + 1] == "}":
+            end = index + 1
+        else:
+            while True:
+                if text[index:index + 1] != '"':
+                    return None
+                key, index = scanstring(text, index + 1, True)
+                index = _skip(text, index)
+                if text[index:index + 1] != ":":
+                    return None
+                index = _skip(text, index + 1)
+                value, end = _SCANNER(text, index)
+                values[key], spans[key] = value, (index, end)
+                index = _skip(text, end)
+                if text[index:index + 1] == "}":
+                    end = index + 1
+                    break
+                if text[index:index + 1] != ",":
+                    return None
+                index = _skip(text, index + 1)
+        if _skip(text, end) != len(text):
+            return None
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    return values, spans
+
+
 def _read_at_most(stream: _Readable, size: int) -> bytes:
     """Read until EOF or ``size`` bytes, whichever comes first."""
     parts: list[bytes] = []
@@ -165,6 +237,10 @@ def _too_large(limit: int) -> ApiError:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+#: The json module's scanner of one value (C speed), strict, refusing NaN/Infinity.
+_SCANNER = json.JSONDecoder(parse_constant=_reject_constant).scan_once  # type: ignore[attr-defined]
 
 
 def _quote(name: str) -> str:

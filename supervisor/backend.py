@@ -25,6 +25,7 @@ of ``terminate()``, from the caller's thread).
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,8 +49,13 @@ class Launch:
     """What a backend needs to run one task."""
 
     task_id: str
-    task: dict[str, Any]  #: the task's wire form when it starts
+    task_json: bytes  #: the task's wire form when it starts, as JSON
     registration: Registration
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The task's wire form, decoded anew on each access."""
+        return json.loads(self.task_json)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ class Consts:
     warm_processes: int = 2
     #: Bound of one subscriber's undelivered events before it is dropped.
     subscriber_backlog: int = 10_000
+    #: The same in bytes of the events' JSON (a big task's events are big).
+    subscriber_backlog_bytes: int = 64 * 1024 * 1024
     #: Messages kept per task (the oldest are dropped beyond it).
     max_messages: int = 100
     #: How long a task process may live after its final report before its

@@ -191,12 +191,13 @@ class DaskBackend(Backend):
         remote = _Remote(key, names=(f"{key}-cancel", f"{key}-started"),
                          rerun=bool(getattr(registration.animator, "rerun_on_worker_loss",
                                             False)))
-        create = {name: launch.task[name] for name in
-                  ("operation", "objectId", "serviceStates", "args") if name in launch.task}
+        task = launch.task
+        create = {name: task[name] for name in
+                  ("operation", "objectId", "serviceStates", "args") if name in task}
         spec = {
             "task_id": launch.task_id,
             "create": create,
-            "operation": launch.task["operation"],
+            "operation": task["operation"],
             "animator": registration.pickled,
             "timeout": registration.timeout,
             "max_memory": registration.max_memory,

@@ -1,11 +1,14 @@
 """Change events: ordered fan-out to subscribers that can never stall the supervisor.
 
 The manager publishes under its lock, so the order of events is the order of
-changes. Publishing only appends to each subscriber's bounded backlog; each
+changes. Publishing only appends the one shared, immutable
+:class:`~supervisor.snapshot.ChangeEvent` to each subscriber's backlog; each
 subscriber has its own delivery thread, so a slow or raising callback delays
-nobody but itself. One that falls more than ``backlog`` events behind is
-dropped: its backlog is discarded and it receives one last event,
-``{"method": "DROPPED", ...}``, telling it to start over.
+nobody but itself. A plain subscriber gets the event as a fresh dict, built on
+its own thread; a raw one (the REST layer's streams and metrics) gets the
+shared object itself. One that falls more than ``backlog`` events or
+``backlog_bytes`` bytes behind is dropped: its backlog is discarded and it
+receives one last event, ``{"method": "DROPPED", ...}``, telling it to start over.
 """
 
 from __future__ import annotations
@@ -17,22 +20,27 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from supervisor.snapshot import DROPPED, ChangeEvent
+
 log = logging.getLogger("housekeeping.events")
 
 Event = dict[str, Any]
 Callback = Callable[[Event], None]
-
-DROPPED_EVENT: Event = {"method": "DROPPED", "uri": "/tasks", "scope": {}, "task": None}
+RawCallback = Callable[[ChangeEvent], None]
 
 
 class _Subscriber:
     """One callback, its backlog and its delivery thread."""
 
-    def __init__(self, key: int, callback: Callback, backlog: int) -> None:
+    def __init__(self, key: int, callback: Callable[[Any], None], raw: bool,
+                 backlog: int, backlog_bytes: int) -> None:
         self.key = key
         self.callback = callback
+        self.raw = raw
         self.backlog = backlog
-        self.queue: deque[Event] = deque()
+        self.backlog_bytes = backlog_bytes
+        self.queued_bytes = 0
+        self.queue: deque[ChangeEvent] = deque()
         self.cond = threading.Condition()
         self.closed = False
         self.dropped = False
@@ -40,19 +48,22 @@ class _Subscriber:
             target=self._deliver, name=f"housekeeping-subscriber-{key}", daemon=True
         )
 
-    def offer(self, event: Event) -> bool:
+    def offer(self, event: ChangeEvent) -> bool:
         """Queue an event; False if the subscriber fell too far behind (dropped)."""
         with self.cond:
             if self.closed:
                 return True
-            if len(self.queue) >= self.backlog:
+            if (len(self.queue) >= self.backlog
+                    or self.queued_bytes + event.size > self.backlog_bytes):
                 self.queue.clear()
-                self.queue.append(DROPPED_EVENT)
+                self.queued_bytes = 0
+                self.queue.append(DROPPED)
                 self.dropped = True
                 self.closed = True
                 self.cond.notify()
                 return False
             self.queue.append(event)
+            self.queued_bytes += event.size
             self.cond.notify()
             return True
 
@@ -70,8 +81,9 @@ class _Subscriber:
                 if not self.queue:
                     return
                 event = self.queue.popleft()
+                self.queued_bytes -= event.size
             try:
-                self.callback(event)
+                self.callback(event if self.raw else event.to_dict())
             except Exception:
                 log.exception("subscriber %d raised; event skipped", self.key)
 
@@ -79,8 +91,9 @@ class _Subscriber:
 class EventHub:
     """Subscribers and the fan-out of events to them."""
 
-    def __init__(self, backlog: int) -> None:
+    def __init__(self, backlog: int, backlog_bytes: int) -> None:
         self._backlog = backlog
+        self._backlog_bytes = backlog_bytes
         self._subscribers: dict[int, _Subscriber] = {}
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
@@ -90,11 +103,14 @@ class EventHub:
         """True if anybody listens (events need not be built otherwise)."""
         return bool(self._subscribers)
 
-    def subscribe(self, callback: Callback) -> Callable[[], None]:
-        """Register ``callback``; return the function that unsubscribes it."""
+    def subscribe(self, callback: Callable[[Any], None], *, raw: bool = False,
+                  ) -> Callable[[], None]:
+        """Register ``callback`` (given dicts, or the shared events if ``raw``);
+        return the function that unsubscribes it."""
         if not callable(callback):
             raise TypeError("callback must be callable")
-        subscriber = _Subscriber(next(self._keys), callback, self._backlog)
+        subscriber = _Subscriber(next(self._keys), callback, raw, self._backlog,
+                                 self._backlog_bytes)
         with self._lock:
             self._subscribers[subscriber.key] = subscriber
         subscriber.thread.start()
@@ -106,15 +122,15 @@ class EventHub:
 
         return unsubscribe
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: ChangeEvent) -> None:
         """Queue ``event`` for every subscriber, in order; never blocks on one."""
         with self._lock:
             subscribers = list(self._subscribers.values())
         for subscriber in subscribers:
             if not subscriber.offer(event):
                 log.warning(
-                    "subscriber %d fell more than %d events behind and was dropped",
-                    subscriber.key, self._backlog,
+                    "subscriber %d fell more than %d events or %d bytes behind and was dropped",
+                    subscriber.key, self._backlog, self._backlog_bytes,
                 )
                 with self._lock:
                     self._subscribers.pop(subscriber.key, None)

@@ -9,6 +9,7 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+M_MMAP_THRESHOLD = -3  #: mallopt(3)
 
 
 @functools.cache
@@ -24,6 +25,23 @@ def prctl(option: int, value: int) -> None:
     if libc.prctl(option, value, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
+
+
+def return_large_blocks(threshold: int = 256 * 1024) -> bool:
+    """Have glibc's malloc map blocks of ``threshold`` bytes or more on their own,
+    so that they go back to the system when freed; True if it took.
+
+    NOTE: by default the threshold grows to the largest block freed (up to
+    32 MiB), and every thread has an arena of its own: a server parsing 1 MiB
+    bodies on its request threads then keeps each thread's peak of freed
+    memory resident (measured: RSS 2.5× the JSON of the tasks it holds,
+    1.05× with a fixed threshold). A process-wide setting: ``housekeeping
+    serve`` makes it, the library does not. A no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def children_of(pid: int) -> list[int]:

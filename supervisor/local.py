@@ -157,7 +157,7 @@ class LocalBackend(Backend):
         child = self._warm.popleft()
         registration = launch.registration
         start = Start(
-            task=launch.task,
+            task_json=launch.task_json,
             animator=registration.pickled,
             sys_path=tuple(sys.path),
             main_path=registration.main_path,

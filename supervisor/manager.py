@@ -23,7 +23,6 @@ come from pidfds and from the starter's ``Exited`` reports, and every delay
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import pickle
@@ -43,13 +42,14 @@ from supervisor.errors import (
     TaskNotFound,
     UnsupportedOperation,
 )
-from supervisor.events import Callback, EventHub
+from supervisor.events import Callback, EventHub, RawCallback
 from supervisor.local import LocalBackend
 from supervisor.loop import LoopThread
+from supervisor.snapshot import TaskSnapshot, encode_json
 from supervisor.states import TaskState
 from supervisor.supervision import Supervision
 from supervisor.table import TaskTable
-from supervisor.task import Task, copy_json
+from supervisor.task import EncodedCreate, ParsedCreate, Task
 
 log = logging.getLogger("housekeeping.supervisor")
 
@@ -112,7 +112,7 @@ class Manager(Supervision):
 
         self._lock = threading.Lock()
         self._table = TaskTable()
-        self._events = EventHub(CONSTS.subscriber_backlog)
+        self._events = EventHub(CONSTS.subscriber_backlog, CONSTS.subscriber_backlog_bytes)
         self._animators: dict[str, Registration] = {}
         self._queue: deque[str] = deque()
         self._running: set[str] = set()  # ids of the tasks the backend runs
@@ -211,7 +211,7 @@ class Manager(Supervision):
     def _create_task(self, create: dict[str, Any], task_id: str | None = None) -> str:
         """run_task(), with the id chosen by the caller if it is free (remote runs keep
         the supervisor's id, so an animator sees the same task on either backend)."""
-        _check_create(create)
+        encoded = _check_create(create)  # NOTE: encodes args once, outside the lock
         with self._lock:
             self._check_open()
             self._check_available()
@@ -235,7 +235,7 @@ class Manager(Supervision):
                     raise QueueFull(f"queue full: {len(self._queue)} tasks already wait")
             while task_id is None or self._table.get(task_id) is not None:
                 task_id = self._table.new_id(create["operation"])
-            task = Task(task_id, create)
+            task = Task(task_id, create, encoded)
             task.registration = registration
             self._table.add(task)
             self._queue.append(task.id)
@@ -245,7 +245,22 @@ class Manager(Supervision):
         return task.id
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        """Return the wire dict of a task.
+        """Return the wire dict of a task (a fresh one, the caller's to keep).
+
+        Raises:
+            TaskNotFound: the id is unknown or was purged.
+        """
+        return self.get_snapshot(task_id).to_dict()
+
+    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """Return the wire dicts of all tasks (of one operation), in creation order."""
+        return [snapshot.to_dict() for snapshot in self.list_snapshots(operation)]
+
+    def get_snapshot(self, task_id: str) -> TaskSnapshot:
+        """Return the immutable snapshot of a task's current version.
+
+        Cheaper than :meth:`get_task` for a caller that serves the task as
+        JSON (``snapshot.json()``): nothing is decoded or copied.
 
         Raises:
             TaskNotFound: the id is unknown or was purged.
@@ -254,26 +269,35 @@ class Manager(Supervision):
             task = self._table.get(task_id)
             if task is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
-            snapshot = task.snapshot()
-        return copy_json(snapshot)  # type: ignore[no-any-return]
+            return task.snapshot()
 
-    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
-        """Return the wire dicts of all tasks (of one operation), in creation order."""
+    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
+        """Return the snapshots of all tasks (of one operation), in creation order."""
         with self._lock:
-            snapshots = [task.snapshot() for task in self._table.select(operation)]
-        # NOTE: copied outside the lock: the supervisor is not held up by a long list.
-        return [copy_json(snapshot) for snapshot in snapshots]
+            return [task.snapshot() for task in self._table.select(operation)]
 
     def counts(self) -> dict[str, int]:
-        """Count tasks by state, plus ``queued`` and ``running`` (for health checks)."""
+        """Count tasks by state, plus ``queued`` and ``running`` (for health checks).
+
+        Kept as the table changes: O(operations × states), whatever its size.
+        """
         with self._lock:
             counts = {state.value: 0 for state in TaskState}
-            for task in self._table.select():
-                counts[task.state.value] += 1
+            for (_, state), count in self._table.counts().items():
+                counts[state.value] += count
             counts["queued"] = len(self._queue)
             counts["running"] = len(self._running)
             counts["total"] = len(self._table)
             return counts
+
+    def counts_by_operation(self) -> dict[str, dict[str, int]]:
+        """Count tasks by operation and state: every registered operation, every state."""
+        with self._lock:
+            found = self._table.counts()
+            operations = set(self._animators) | {operation for operation, _ in found}
+        return {operation: {state.value: found.get((operation, state), 0)
+                            for state in TaskState}
+                for operation in sorted(operations)}
 
     def cancel_task(self, task_id: str) -> None:
         """Cancel a task: at once if queued, else tell its child, kill after the grace.
@@ -290,7 +314,7 @@ class Manager(Supervision):
             task.cancel_requested = True
             if task.state is TaskState.NEW:
                 self._queue.remove(task_id)
-                task.transition(TaskState.CANCELED, "canceled while queued")
+                self._table.transition(task, TaskState.CANCELED, "canceled while queued")
                 self._publish("PATCH", task)
                 self._loop_thread.call(self._schedule_purge, task_id)
             else:
@@ -306,6 +330,17 @@ class Manager(Supervision):
             A function that unsubscribes ``callback``.
         """
         return self._events.subscribe(callback)
+
+    def subscribe_changes(self, callback: RawCallback) -> Callable[[], None]:
+        """Like :meth:`subscribe`, but deliver the shared, immutable
+        :class:`~supervisor.snapshot.ChangeEvent` itself (``event.json()``,
+        ``event.task.state``, ...) instead of a fresh dict per event: what a
+        server that forwards events as JSON wants.
+
+        Returns:
+            A function that unsubscribes ``callback``.
+        """
+        return self._events.subscribe(callback, raw=True)
 
     def terminate(self) -> None:
         """Cancel everything, kill and reap every process of the manager; idempotent.
@@ -354,8 +389,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_create(create: object) -> None:
-    """Check the shape of a create dict; raise InvalidArguments naming the field."""
+def _check_create(create: object) -> EncodedCreate:
+    """Check the shape of a create dict; raise InvalidArguments naming the field.
+
+    Returns:
+        Its ``args`` and ``serviceStates`` as compact JSON (strict: no NaN).
+    """
     if not isinstance(create, dict):
         raise InvalidArguments(f"the task must be a JSON object, not {type(create).__name__}")
     for name in create:
@@ -373,8 +412,14 @@ def _check_create(create: object) -> None:
     object_id = create.get("objectId")
     if isinstance(object_id, str) and len(object_id) > _MAX_OBJECT_ID:
         raise InvalidArguments(f"objectId must be at most {_MAX_OBJECT_ID} characters")
+    encoded = []
+    given = create.json_text if isinstance(create, ParsedCreate) else {}
     for name in ("serviceStates", "args"):
+        if isinstance(create.get(name), dict) and name in given:
+            encoded.append(given[name])  # NOTE: as parsed by the REST layer, not re-encoded
+            continue
         try:
-            json.dumps(create.get(name), allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            encoded.append(encode_json(create.get(name) or {}))
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArguments(f"{name} must be JSON: {exc}") from None
+    return EncodedCreate(*encoded)

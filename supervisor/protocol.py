@@ -85,7 +85,7 @@ def check_progress(values: dict[str, Any]) -> dict[str, int]:
 class Start:
     """Hand a task to a warm process."""
 
-    task: dict[str, Any]
+    task_json: bytes  #: the task's wire form as JSON (the child decodes it)
     animator: bytes  #: the pickled animator instance
     sys_path: tuple[str, ...]  #: the parent's sys.path at hand-over
     main_path: str | None  #: the parent's main script, when the animator lives in it
@@ -270,7 +270,11 @@ def _optional_text(value: object, limit: int) -> str | None:
 
 
 def json_depth(value: Any) -> int:
-    """Return the nesting depth of a parsed JSON value (a scalar is 0), iteratively."""
+    """Return the nesting depth of a parsed JSON value (a scalar is 0), iteratively.
+
+    NOTE: a container without containers in it is skipped at C speed (the
+    set of its items' types), so a long flat list costs milliseconds.
+    """
     deepest = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -282,8 +286,13 @@ def json_depth(value: Any) -> int:
         else:
             continue
         deepest = max(deepest, level)
+        if _CONTAINERS.isdisjoint(set(map(type, children))):
+            continue
         stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
     return deepest
+
+
+_CONTAINERS = frozenset({dict, list})
 
 
 def _reject_constant(name: str) -> Any:

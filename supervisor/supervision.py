@@ -11,7 +11,6 @@ runs is the :class:`~supervisor.backend.Backend`'s business; this side is its
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections import deque
@@ -27,9 +26,11 @@ from supervisor.protocol import (
     ProtocolError,
     StateChanged,
     check_progress,
+    check_result_json,
     check_timestamp,
     clean_text,
 )
+from supervisor.snapshot import ChangeEvent
 from supervisor.states import TaskState
 from supervisor.table import TaskTable
 from supervisor.task import Task
@@ -82,9 +83,8 @@ class Supervision:
         scope: dict[str, Any] = {"operation": task.operation, "state": task.state.value}
         if method == "POST":
             scope = {"meta.id": task.id, **scope}
-        self._events.publish(
-            {"method": method, "uri": uri, "scope": scope, "task": task.to_wire()}
-        )
+        # NOTE: one immutable snapshot, shared by every subscriber: nothing is copied here.
+        self._events.publish(ChangeEvent(method, uri, scope, task.snapshot()))
 
     async def _boot(self) -> None:
         await self._backend.open(self)
@@ -105,13 +105,24 @@ class Supervision:
                 task_id = self._queue[0]
                 task = self._table.get(task_id)
                 assert task is not None and task.state is TaskState.NEW
-                launch = Launch(task_id, task.to_wire(), task.registration)
-                if not self._backend.start(launch):
+                snapshot, registration = task.snapshot(), task.registration
+            # NOTE: the hand-over (decoding the task, pickling, writing to a
+            # pipe or a scheduler) happens outside the lock, so that no reader
+            # waits on a child. Only this loop thread dispatches, so the task
+            # stays at the head of the queue unless it is canceled meanwhile.
+            launch = Launch(task_id, snapshot.json(), registration)
+            started = self._backend.start(launch)
+            with self._lock:
+                if not started:
                     continue
-                self._queue.popleft()
                 self._running.add(task_id)
-                task.transition(TaskState.ACTIVE)
-                self._publish("PATCH", task)
+                if self._queue and self._queue[0] == task_id:
+                    self._queue.popleft()
+                    self._table.transition(task, TaskState.ACTIVE)
+                    self._publish("PATCH", task)
+                    continue
+            # canceled while it was being handed over: stop what was started
+            self._backend.cancel(task_id)
 
     def _fail_queued(self, reason: str) -> None:
         with self._lock:
@@ -120,7 +131,7 @@ class Supervision:
             for task_id in failed:
                 task = self._table.get(task_id)
                 if task is not None:
-                    task.transition(TaskState.FAILED, reason)
+                    self._table.transition(task, TaskState.FAILED, reason)
                     self._publish("PATCH", task)
         for task_id in failed:
             self._schedule_purge(task_id)
@@ -158,7 +169,7 @@ class Supervision:
                 new = TaskState(message.state)
                 if new is task.state:
                     return None
-                task.transition(new)
+                self._table.transition(task, new)
             elif isinstance(message, Note):
                 task.note(clean_text(message.text))
                 task.touch()
@@ -204,13 +215,20 @@ class Supervision:
         """Record the task's one terminal state and free its slot."""
         self._flush_progress(task_id)  # NOTE: the last progress is never lost
         self._progress_gates.pop(task_id, None)
+        result_bytes = None
+        if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
+            # NOTE: whatever the backend, the table holds strict JSON only.
+            try:
+                result_bytes = check_result_json(outcome.result_json).encode("ascii")
+            except ProtocolError as exc:
+                outcome = Outcome(TaskState.FAILED, (f"protocol error: {exc}",))
         with self._lock:
             self._running.discard(task_id)
             task = self._table.get(task_id)
             if task is not None and not task.terminal:
-                if outcome.result_json:
-                    task.result = json.loads(outcome.result_json)
-                task.transition(outcome.state, *outcome.notes)
+                if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
+                    task.result_json = result_bytes
+                self._table.transition(task, outcome.state, *outcome.notes)
                 self._publish("PATCH", task)
         first = outcome.notes[0] if outcome.notes else ""
         if outcome.traceback:
@@ -250,7 +268,8 @@ class Supervision:
                 task = self._table.get(task_id)
                 if task is not None:
                     task.cancel_requested = True
-                    task.transition(TaskState.CANCELED, "canceled: the manager is terminating")
+                    self._table.transition(task, TaskState.CANCELED,
+                                           "canceled: the manager is terminating")
                     self._publish("PATCH", task)
             self._queue.clear()
             for task_id in self._running:

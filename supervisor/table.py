@@ -1,21 +1,30 @@
-"""The task table: ids, creation order, lookup and filtering by operation."""
+"""The task table: ids, creation order, lookup, filtering, and counts kept as it changes."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 
+from supervisor.states import TaskState
 from supervisor.task import Task
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class TaskTable:
-    """Tasks by id, in creation order (dicts keep insertion order)."""
+    """Tasks by id, in creation order (dicts keep insertion order).
+
+    The number of tasks by (operation, state) is kept up to date by
+    :meth:`add`, :meth:`transition` and :meth:`remove`, so counting costs
+    O(operations × states) however big the table is. Every state change
+    goes through :meth:`transition` for that reason.
+    """
 
     def __init__(self) -> None:
         self._tasks: dict[str, Task] = {}
         self._counter = 0
+        self._counts: Counter[tuple[str, TaskState]] = Counter()
 
     def new_id(self, operation: str) -> str:
         """Make an id unique for the life of the table, URL-safe, like ``HASH000003``."""
@@ -26,6 +35,15 @@ class TaskTable:
     def add(self, task: Task) -> None:
         """Insert a new task (it sorts after every existing one)."""
         self._tasks[task.id] = task
+        self._counts[(task.operation, task.state)] += 1
+
+    def transition(self, task: Task, new: TaskState, *notes: str) -> None:
+        """Move ``task`` to ``new`` (see :meth:`Task.transition`), keeping the counts."""
+        old = task.state
+        task.transition(new, *notes)
+        if task.id in self._tasks:
+            self._counts[(task.operation, old)] -= 1
+            self._counts[(task.operation, new)] += 1
 
     def get(self, task_id: str) -> Task | None:
         """The task with this id, or None."""
@@ -33,7 +51,17 @@ class TaskTable:
 
     def remove(self, task_id: str) -> Task | None:
         """Drop a task (purge); return it, or None if it was not there."""
-        return self._tasks.pop(task_id, None)
+        task = self._tasks.pop(task_id, None)
+        if task is not None:
+            key = (task.operation, task.state)
+            self._counts[key] -= 1
+            if not self._counts[key]:
+                del self._counts[key]
+        return task
+
+    def counts(self) -> dict[tuple[str, TaskState], int]:
+        """The number of tasks by (operation, state), without the zeros."""
+        return {key: count for key, count in self._counts.items() if count}
 
     def select(self, operation: str | None = None) -> Iterator[Task]:
         """Tasks in creation order, optionally only those of one operation."""

@@ -7,14 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from supervisor.consts import CONSTS
+from supervisor.snapshot import Message, TaskSnapshot, progress_wire
 from supervisor.states import TaskState, can_transition, is_terminal
-
-_PROGRESS_WIRE = {
-    "percent_complete": "percentComplete",
-    "total_bytes": "totalBytes",
-    "offset_bytes": "offsetBytes",
-    "transferred_bytes": "transferredBytes",
-}
 
 
 def utc_stamp(when: float | None = None) -> str:
@@ -23,39 +17,30 @@ def utc_stamp(when: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def copy_json(value: Any) -> Any:
-    """Copy JSON data: dicts and lists anew, scalars shared (they are immutable).
-
-    NOTE: several times faster than ``copy.deepcopy``, which matters because
-    ``list_tasks`` copies every task under the manager's lock.
-    """
-    if isinstance(value, dict):
-        return {key: copy_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [copy_json(item) for item in value]
-    return value
-
-
 class Task:
-    """The supervisor's record of one task; mutated only under the manager's lock."""
+    """The supervisor's record of one task; mutated only under the manager's lock.
 
-    def __init__(self, task_id: str, create: dict[str, Any]) -> None:
+    ``args``, ``serviceStates`` and ``result`` are kept as compact JSON bytes
+    (encoded once, outside the lock): see :mod:`supervisor.snapshot`.
+    """
+
+    def __init__(self, task_id: str, create: dict[str, Any], encoded: EncodedCreate) -> None:
         self.id = task_id
         self.operation: str = create["operation"]
         self.object_id: str | None = create.get("objectId")
-        self.service_states: dict[str, Any] = copy_json(create.get("serviceStates") or {})
-        self.args: dict[str, Any] = copy_json(create.get("args") or {})
+        self.service_states_json = encoded.service_states_json
+        self.args_json = encoded.args_json
         self.state = TaskState.NEW
         self.cancel_requested = False
         self.version = 1
         self.time_created = self.time_modified = utc_stamp()
         self.progress: dict[str, Any] | None = None
-        self.messages: deque[dict[str, str]] = deque(maxlen=CONSTS.max_messages)
-        self.result: Any = None
+        self.messages: deque[Message] = deque(maxlen=CONSTS.max_messages)
+        self.result_json: bytes | None = None
         #: the operation's animator and limits when the task was created (a
         #: later re-registration applies to later tasks only)
         self.registration: Any = None
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: TaskSnapshot | None = None
 
     @property
     def terminal(self) -> bool:
@@ -69,7 +54,7 @@ class Task:
 
     def note(self, text: str) -> None:
         """Append a message (the oldest drop out beyond the bound); no version bump."""
-        self.messages.append({"time": utc_stamp(), "message": text})
+        self.messages.append(Message(utc_stamp(), text))
 
     def transition(self, new: TaskState, *notes: str) -> None:
         """Move to ``new``, recording "State change A ⇒ B" and any ``notes``.
@@ -88,48 +73,46 @@ class Task:
     def set_progress(self, values: dict[str, int], timestamp: float) -> None:
         """Merge reported progress figures (already checked) and stamp them."""
         progress = dict(self.progress or {})
-        for name, value in values.items():
-            progress[_PROGRESS_WIRE[name]] = value
+        progress.update(progress_wire(values))
         progress["timestamp"] = utc_stamp(timestamp)
         self.progress = progress
         self.touch()
 
-    def to_wire(self) -> dict[str, Any]:
-        """Return the JSON-ready wire dict: a fresh copy the caller may keep."""
-        return copy_json(self.snapshot())  # type: ignore[no-any-return]
+    def snapshot(self) -> TaskSnapshot:
+        """Return the immutable snapshot of this version (built once per version).
 
-    def snapshot(self) -> dict[str, Any]:
-        """Return the wire dict of this version, shared: never mutate it.
-
-        Built once per version (every change goes through :meth:`touch`, which
-        bumps it), so a caller holding the manager's lock only collects
-        snapshots and copies them after releasing it.
+        Cheap enough for the lock: it references the JSON parts, it copies none.
         """
-        if self._snapshot is None or self._snapshot["meta"]["version"] != self.version:
-            self._snapshot = self._build_wire()
+        if self._snapshot is None or self._snapshot.version != self.version:
+            self._snapshot = TaskSnapshot.build(
+                task_id=self.id, operation=self.operation, object_id=self.object_id,
+                state=self.state.value, version=self.version,
+                time_created=self.time_created, time_modified=self.time_modified,
+                cancel_requested=self.cancel_requested,
+                service_states_json=self.service_states_json, args_json=self.args_json,
+                messages=tuple(self.messages), result_json=self.result_json,
+                progress=self.progress,
+            )
         return self._snapshot
 
-    def _build_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {
-            "meta": {
-                "id": self.id,
-                "objType": "Task",
-                "version": self.version,
-                "timeCreated": self.time_created,
-                "timeModified": self.time_modified,
-            },
-            "operation": self.operation,
-            # NOTE: shared, not copied: the task never changes these in place,
-            # and whoever hands a snapshot out copies it (to_wire).
-            "serviceStates": self.service_states,
-            "args": self.args,
-            "state": self.state.value,
-            "cancelRequested": self.cancel_requested,
-            "messages": list(self.messages),
-            "result": self.result,
-        }
-        if self.object_id is not None:
-            wire["objectId"] = self.object_id
-        if self.progress is not None:
-            wire["progress"] = self.progress
-        return wire
+
+class ParsedCreate(dict[str, Any]):
+    """A create dict that also carries the JSON text its ``args`` and
+    ``serviceStates`` were parsed from (``json_text``: field → UTF-8 bytes).
+
+    The REST layer passes one to ``run_task`` so that a big body is parsed
+    once and never encoded again: the manager keeps that text as it is. The
+    text must be strict JSON on one line that decodes to the field's value.
+    """
+
+    json_text: dict[str, bytes]
+
+
+class EncodedCreate:
+    """The big parts of a create dict as compact JSON, encoded before taking the lock."""
+
+    __slots__ = ("args_json", "service_states_json")
+
+    def __init__(self, service_states_json: bytes, args_json: bytes) -> None:
+        self.service_states_json = service_states_json
+        self.args_json = args_json

@@ -22,6 +22,7 @@ from supervisor import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.snapshot import DROPPED, ChangeEvent, TaskSnapshot
 
 Event = dict[str, Any]
 TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
@@ -57,7 +58,8 @@ class FakeManager:
         self.purge_at_once = False  #: purge each task as soon as it is created/canceled
         self.broken: dict[str, Exception] = {}  #: method name -> exception it raises
         self._numbers = itertools.count(1)
-        self._subscribers: dict[int, Callable[[Event], None]] = {}
+        #: key -> (callback, raw): raw ones get ChangeEvents, the others dicts
+        self._subscribers: dict[int, tuple[Callable[[Any], None], bool]] = {}
         self._keys = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -114,6 +116,14 @@ class FakeManager:
             return [copy.deepcopy(t) for t in self.tasks.values()
                     if not operation or t["operation"] == operation]
 
+    def get_snapshot(self, task_id: str) -> TaskSnapshot:
+        self._maybe_break("get_snapshot")
+        return TaskSnapshot.from_wire(self.get_task(task_id))
+
+    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
+        self._maybe_break("list_snapshots")
+        return [TaskSnapshot.from_wire(task) for task in self.list_tasks(operation)]
+
     def cancel_task(self, task_id: str) -> None:
         self._maybe_break("cancel_task")
         with self._lock:
@@ -132,9 +142,15 @@ class FakeManager:
                 self.purge(task_id)
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        return self._subscribe(callback, raw=False)
+
+    def subscribe_changes(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
+        return self._subscribe(callback, raw=True)
+
+    def _subscribe(self, callback: Callable[[Any], None], raw: bool) -> Callable[[], None]:
         key = next(self._keys)
         with self._lock:
-            self._subscribers[key] = callback
+            self._subscribers[key] = (callback, raw)
 
         def unsubscribe() -> None:
             with self._lock:
@@ -154,6 +170,18 @@ class FakeManager:
                 counts[task["state"]] += 1
             counts["total"] = len(self.tasks)
             return counts
+
+    def counts_by_operation(self) -> dict[str, dict[str, int]]:
+        self._maybe_break("counts_by_operation")
+        with self._lock:
+            found: dict[str, dict[str, int]] = {
+                operation: dict.fromkeys(["NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED",
+                                          "SUCCEEDED"], 0)
+                for operation in {*self.validators, *(t["operation"] for t in self.tasks.values())}
+            }
+            for task in self.tasks.values():
+                found[task["operation"]][task["state"]] += 1
+            return dict(sorted(found.items()))
 
     def terminate(self) -> None:
         self.terminated = True
@@ -190,8 +218,8 @@ class FakeManager:
         with self._lock:
             subscribers = list(self._subscribers.values())
             self._subscribers.clear()
-        for callback in subscribers:
-            callback({"method": "DROPPED", "uri": "/tasks", "scope": {}, "task": None})
+        for callback, raw in subscribers:
+            callback(DROPPED if raw else DROPPED.to_dict())
 
     def _touch(self, task: dict[str, Any]) -> None:
         task["meta"]["version"] += 1
@@ -202,10 +230,10 @@ class FakeManager:
         scope: dict[str, Any] = {"operation": task["operation"], "state": task["state"]}
         if method == "POST":
             scope["meta.id"] = task_id
-        event = {"method": method, "uri": "/tasks" if method == "POST" else f"/tasks/{task_id}",
-                 "scope": scope, "task": copy.deepcopy(task)}
-        for callback in list(self._subscribers.values()):
-            callback(event)
+        change = ChangeEvent(method, "/tasks" if method == "POST" else f"/tasks/{task_id}",
+                             scope, TaskSnapshot.from_wire(task))
+        for callback, raw in list(self._subscribers.values()):
+            callback(change if raw else change.to_dict())
 
     def _maybe_break(self, method: str) -> None:
         if method in self.broken:

@@ -36,7 +36,7 @@ from supervisor.protocol import (
 )
 
 MESSAGES = [
-    Start(task={"meta": {"id": "T1"}, "args": {"a": [1, 2]}}, animator=b"\x80\x05.",
+    Start(task_json=b'{"meta": {"id": "T1"}, "args": {"a": [1, 2]}}', animator=b"\x80\x05.",
           sys_path=("/a", "/b"), main_path=None, max_memory=256 * 1024 * 1024),
     Cancel(),
     Ready(pid=1234),

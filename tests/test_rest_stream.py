@@ -16,6 +16,7 @@ from rest_support import assert_error, bearer, make_client
 from rest import create_app, handlers_of
 from rest.app import RestOptions
 from rest.stream import DROPPED_MESSAGE, format_event
+from supervisor.snapshot import ChangeEvent, TaskSnapshot
 
 EVENTS = "/api/v1/task-events"
 
@@ -90,10 +91,15 @@ def test_events_are_framed_and_in_order() -> None:
 
 
 def test_format_event_is_one_data_line() -> None:
-    event = {"method": "PATCH", "task": {"messages": [{"message": "line\nbreak ⇒"}]}}
+    task = {"meta": {"id": "T1", "version": 2, "timeCreated": "t", "timeModified": "t"},
+            "operation": "SLEEP", "state": "ACTIVE",
+            "messages": [{"time": "t", "message": "line\nbreak ⇒"}]}
+    event = ChangeEvent("PATCH", "/tasks/T1", {"operation": "SLEEP", "state": "ACTIVE"},
+                        TaskSnapshot.from_wire(task))
     encoded = format_event(event)
     assert encoded.count(b"\n") == 3 and encoded.endswith(b"\n\n")
-    assert json.loads(encoded.split(b"data: ", 1)[1]) == event
+    assert json.loads(encoded.split(b"data: ", 1)[1]) == event.to_dict()
+    assert event.to_dict()["task"] == task
 
 
 def test_operation_filter() -> None:

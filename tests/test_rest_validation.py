@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_support import assert_error, make_client
 
-from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, check_create, decode_json
+from rest.errors import ApiError
+from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, check_create, decode_json, parse_create
+from supervisor.task import ParsedCreate
 
 TASKS = "/api/v1/tasks"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -217,6 +219,43 @@ def test_random_json_bodies_never_give_5xx(body: Any) -> None:
         assert result.json["operation"] == body["operation"]
     else:
         assert set(result.json) == {"code", "message"}
+
+
+formats = st.sampled_from([
+    {"separators": (",", ":")}, {}, {"indent": 2}, {"ensure_ascii": False},
+    {"separators": (" ,  ", " :\t")},
+])
+
+
+def parsed(text: str) -> Any:
+    """What parse_create makes of ``text``: the create dict, or the error's status and message."""
+    req = testing.create_req(method="POST", path=TASKS, body=text.encode(), headers=JSON_HEADERS)
+    try:
+        return parse_create(req)
+    except ApiError as exc:
+        return (exc.status_code, exc.message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies, style=formats)
+def test_parsing_once_with_spans_is_json_loads(body: Any, style: dict[str, Any]) -> None:
+    """The body is parsed once, keeping the text of args and serviceStates: the result is
+    exactly what json.loads and check_create give, and the kept text is strict JSON of the
+    same value, on one line (it is spliced into SSE data lines)."""
+    text = json.dumps(body, **style)
+    got = parsed(text)
+    try:
+        expected: Any = check_create(decode_json(text))
+    except ApiError as exc:
+        expected = (exc.status_code, exc.message)
+    assert got == expected
+    if isinstance(got, ParsedCreate):
+        for name, part in got.json_text.items():
+            assert b"\n" not in part and b"\r" not in part
+            assert json.loads(part) == got[name]
+        if style.get("indent") is None:  # one-line bodies: every object field's text is kept
+            assert set(got.json_text) == {n for n in ("serviceStates", "args")
+                                          if isinstance(got.get(n), dict)}
 
 
 @settings(max_examples=200, deadline=None)

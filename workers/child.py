@@ -77,7 +77,7 @@ def run_warm_process(fd: int) -> int:
 
 def run_task(start: Start, conn: Connection) -> int:
     """Prepare the process for ``start``, run the animator, send the final report."""
-    ops = TaskOps(start.task, conn)
+    ops = TaskOps(json.loads(start.task_json), conn)
     os.register_at_fork(after_in_child=ops.detach)
     try:
         final = _execute(start, ops)

@@ -1,0 +1,167 @@
+"""Immutable snapshots of a task, one per version, shared by every reader.
+
+A task's big parts (``args``, ``serviceStates``, ``result``) are held once,
+as the compact JSON text they were received or returned as. A snapshot is a
+handful of fields plus references to those texts; its JSON document is
+spliced from them when somebody asks, outside the manager's lock::
+
+    Task (under the lock)  ──snapshot()──▶ TaskSnapshot  (version N, immutable)
+       args_json ─────────────────────────────▲  shared, never copied
+                                              │
+    ChangeEvent("PATCH", snapshot) ──▶ every subscriber's backlog (the same object)
+                                              │
+    REST: snapshot.json() ──▶ the response body; SSE: event.json(); Python: to_dict()
+
+So a 1 MiB task costs about 1 MiB however many versions, events and
+subscribers there are, and publishing an event copies nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+_PROGRESS_WIRE = {
+    "percent_complete": "percentComplete",
+    "total_bytes": "totalBytes",
+    "offset_bytes": "offsetBytes",
+    "transferred_bytes": "transferredBytes",
+}
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode ``value`` as compact UTF-8 JSON that never fails on odd strings.
+
+    NOTE: a lone surrogate (``"\\ud800"``, valid in a JSON escape and so in a
+    posted body or a task result) cannot be encoded as UTF-8; such a document
+    falls back to ASCII escapes instead of failing.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+class Message:
+    """One entry of a task's ``messages``: its time, its text and its JSON, encoded once."""
+
+    __slots__ = ("json", "text", "time")
+
+    def __init__(self, time: str, text: str) -> None:
+        self.time = time
+        self.text = text
+        self.json = encode_json({"time": time, "message": text})
+
+
+class TaskSnapshot:
+    """One version of one task, immutable: its wire form as fields and JSON parts.
+
+    ``json()`` is the task's JSON document; ``to_dict()`` is a fresh wire
+    dict the caller may keep and change.
+    """
+
+    __slots__ = ("_parts", "cancel_requested", "id", "messages", "operation", "size",
+                 "state", "time_created", "time_modified", "version")
+
+    def __init__(self, *, task_id: str, operation: str, state: str, version: int,
+                 time_created: str, time_modified: str, cancel_requested: bool,
+                 messages: tuple[Message, ...], parts: tuple[bytes, ...]) -> None:
+        self.id = task_id
+        self.operation = operation
+        self.state = state
+        self.version = version
+        self.time_created = time_created
+        self.time_modified = time_modified
+        self.cancel_requested = cancel_requested
+        self.messages = messages
+        self._parts = parts
+        #: the length of :meth:`json`, in bytes (what a backlog of it costs at most)
+        self.size = sum(len(part) for part in parts)
+
+    @classmethod
+    def build(cls, *, task_id: str, operation: str, object_id: str | None, state: str,
+              version: int, time_created: str, time_modified: str, cancel_requested: bool,
+              service_states_json: bytes, args_json: bytes, messages: tuple[Message, ...],
+              result_json: bytes | None, progress: Mapping[str, Any] | None) -> TaskSnapshot:
+        """Assemble a snapshot from a task's fields; cheap: the big parts are shared."""
+        meta = {"id": task_id, "objType": "Task", "version": version,
+                "timeCreated": time_created, "timeModified": time_modified}
+        head = encode_json({"meta": meta, "operation": operation})
+        tail: dict[str, Any] = {"state": state, "cancelRequested": cancel_requested}
+        middle = encode_json(tail)
+        parts = [
+            head[:-1], b',"serviceStates":', service_states_json, b',"args":', args_json,
+            b",", middle[1:-1], b',"messages":[', b",".join(m.json for m in messages),
+            b'],"result":', result_json if result_json is not None else b"null",
+        ]
+        extra: dict[str, Any] = {}
+        if object_id is not None:
+            extra["objectId"] = object_id
+        if progress is not None:
+            extra["progress"] = dict(progress)
+        if extra:
+            parts += [b",", encode_json(extra)[1:-1]]
+        parts.append(b"}")
+        return cls(task_id=task_id, operation=operation, state=state, version=version,
+                   time_created=time_created, time_modified=time_modified,
+                   cancel_requested=cancel_requested, messages=messages, parts=tuple(parts))
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> TaskSnapshot:
+        """A snapshot of a wire dict (for managers that keep dicts, such as test fakes)."""
+        meta = wire["meta"]
+        messages = tuple(Message(str(m.get("time", "")), str(m.get("message", "")))
+                         for m in wire.get("messages") or [])
+        return cls(task_id=meta["id"], operation=wire["operation"], state=wire["state"],
+                   version=meta["version"], time_created=meta["timeCreated"],
+                   time_modified=meta["timeModified"],
+                   cancel_requested=bool(wire.get("cancelRequested")), messages=messages,
+                   parts=(encode_json(wire),))
+
+    def json(self) -> bytes:
+        """The task's JSON document (compact UTF-8, strict)."""
+        return b"".join(self._parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A fresh wire dict of this version."""
+        return json.loads(self.json())  # type: ignore[no-any-return]
+
+
+class ChangeEvent:
+    """One change event, immutable, shared by every subscriber that receives it.
+
+    ``to_dict()`` is the event as :meth:`Manager.subscribe` delivers it:
+    ``{"method", "uri", "scope", "task"}``, with a fresh task dict.
+    """
+
+    __slots__ = ("method", "scope", "size", "task", "uri")
+
+    def __init__(self, method: str, uri: str, scope: Mapping[str, str],
+                 task: TaskSnapshot | None) -> None:
+        self.method = method
+        self.uri = uri
+        self.scope = dict(scope)
+        self.task = task
+        self.size = 128 + (task.size if task is not None else 0)
+
+    def json(self) -> bytes:
+        """The event's JSON document (``task`` spliced in from the snapshot)."""
+        head = encode_json({"method": self.method, "uri": self.uri, "scope": self.scope})
+        task = self.task.json() if self.task is not None else b"null"
+        return b"".join((head[:-1], b',"task":', task, b"}"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a fresh dict (its task decoded anew)."""
+        return {"method": self.method, "uri": self.uri, "scope": dict(self.scope),
+                "task": self.task.to_dict() if self.task is not None else None}
+
+
+#: The last event of a subscriber that fell too far behind.
+DROPPED = ChangeEvent("DROPPED", "/tasks", {}, None)
+
+
+def progress_wire(values: Mapping[str, int]) -> dict[str, int]:
+    """Name reported progress figures as the wire does (``percentComplete``, ...)."""
+    return {_PROGRESS_WIRE[name]: value for name, value in values.items()}
