@@ -22,6 +22,10 @@ serving within seconds (a quick task succeeds; over REST, ``/healthz`` 200).
    the server (``housekeeping serve`` is a child subreaper);
 8. fork failures in the starter: retried with back-off, running tasks untouched.
 
+Rows 9-11 (memory bounded by bytes, no I/O to a child under the lock,
+counting without copying the table, a bounded queue by default) are in
+tests/test_hostile_bounds.py.
+
 Every deadline is bounded, so that a regression fails in seconds, not hangs.
 """
 
