@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import falcon
 
 from rest.errors import ApiError
-from supervisor.protocol import MAX_JSON_DEPTH, json_depth
+from supervisor.protocol import MAX_JSON_DEPTH, finite_float, json_depth
 from supervisor.task import ParsedCreate
 
 #: Largest accepted request body (1 MiB).
@@ -121,7 +121,7 @@ def decode_json(data: bytes | str) -> Any:
     """Parse strict UTF-8 JSON (no NaN/Infinity, bounded nesting), else 400."""
     text = decode_text(data) if isinstance(data, bytes) else data
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=finite_float)
     except RecursionError:
         raise ApiError(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as exc:  # JSONDecodeError, _reject_constant, huge integers
@@ -240,7 +240,8 @@ def _reject_constant(name: str) -> Any:
 
 
 #: The json module's scanner of one value (C speed), strict, refusing NaN/Infinity.
-_SCANNER = json.JSONDecoder(parse_constant=_reject_constant).scan_once  # type: ignore[attr-defined]
+_SCANNER = json.JSONDecoder(  # type: ignore[attr-defined]  # scan_once is not in the stubs
+    parse_constant=_reject_constant, parse_float=finite_float).scan_once
 
 
 def _quote(name: str) -> str:

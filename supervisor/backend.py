@@ -64,6 +64,8 @@ class Outcome:
 
     state: TaskState
     notes: tuple[str, ...] = ()
+    #: strict JSON as :func:`~supervisor.protocol.check_result_json` returns it:
+    #: the backend checks it, the host keeps it as it is
     result_json: str | None = None
     traceback: str | None = None
 

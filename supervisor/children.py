@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("housekeeping.children")
 
-_HEADER = FRAME_HEADER
 DATA, EMPTY, EOF = "data", "empty", "eof"  #: what one read of a task pipe saw
 _STARTER_BOOT = (
     "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
@@ -227,17 +226,20 @@ class ChildProcess:
         messages: list[object] = []
         buffer, offset = self.buffer, 0
         try:
-            while len(buffer) - offset >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(buffer, offset)
+            while len(buffer) - offset >= FRAME_HEADER.size:
+                (size,) = FRAME_HEADER.unpack_from(buffer, offset)
                 if size < 0 or size > MAX_MESSAGE_BYTES:
                     raise ProtocolError(f"bad frame length {size}")
-                end = offset + _HEADER.size + size
+                end = offset + FRAME_HEADER.size + size
                 if len(buffer) < end:
                     break
-                messages.append(check_report(decode(bytes(buffer[offset + _HEADER.size:end]))))
+                frame = bytes(buffer[offset + FRAME_HEADER.size:end])
+                messages.append(check_report(decode(frame)))
                 offset = end
-        except ProtocolError as exc:
+        except Exception as exc:  # NOTE: whatever a frame does, it never raises on the loop
             buffer.clear()
+            if not isinstance(exc, ProtocolError):
+                exc = ProtocolError(f"bad frame: {type(exc).__name__}: {exc}"[:300])
             return messages, seen, exc
         # NOTE: one cut per read, not per frame (a chunk may hold thousands).
         del buffer[:offset]

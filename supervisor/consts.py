@@ -38,6 +38,9 @@ class Consts:
     #: exit) within this is stopped or hung: it is killed with its whole tree
     #: and replaced.
     starter_deadline: float = 2.0
+    #: The same right after a Preload: the starter imports the animator modules
+    #: before it can answer (a big library may take seconds).
+    preload_deadline: float = 60.0
     #: First back-off after the starter's fork() failed; doubles, up to the max.
     spawn_retry: float = 0.05
     spawn_retry_max: float = 5.0

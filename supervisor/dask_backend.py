@@ -38,7 +38,13 @@ from typing import Any
 import distributed
 
 from supervisor.backend import Backend, Host, Launch, Outcome
-from supervisor.protocol import Note, Progress, StateChanged
+from supervisor.protocol import (
+    Note,
+    Progress,
+    ProtocolError,
+    StateChanged,
+    check_result_json,
+)
 from supervisor.states import TaskState
 from workers.remote import run_task_on_worker
 
@@ -321,10 +327,10 @@ class DaskBackend(Backend):
         else:
             remote.worker = payload.get("worker") or remote.worker
             remote.confirmed = True
-            remote.outcome = Outcome(
+            remote.outcome = _checked(Outcome(
                 TaskState(payload["state"]), tuple(payload.get("notes", ())),
                 payload.get("result_json"),
-            )
+            ))
         remote.expected = int(payload.get("sent", 0)) if isinstance(payload, dict) else 0
         if remote.received >= remote.expected:
             self._finish(task_id)
@@ -536,3 +542,13 @@ def _progress(wire: Any) -> Progress:
         timestamp = 0.0
     return Progress(values, timestamp)
 
+
+def _checked(outcome: Outcome) -> Outcome:
+    """The outcome with its result checked as strictly as a local task's (the host
+    trusts a backend's ``result_json``)."""
+    if outcome.result_json is None or outcome.state is not TaskState.SUCCEEDED:
+        return outcome
+    try:
+        return Outcome(outcome.state, outcome.notes, check_result_json(outcome.result_json))
+    except ProtocolError as exc:
+        return Outcome(TaskState.FAILED, (f"protocol error: {exc}",))

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import os
+import select
 import signal
 import sys
 from collections import deque
@@ -98,6 +99,7 @@ class LocalBackend(Backend):
         loop.add_reader(self._starter.pidfd, self._on_starter_died)
         if self._preloaded:
             self._starter.preload(tuple(sorted(self._preloaded)))
+            self._ping_after_preload()
         self._replenish()
 
     def preload(self, modules: tuple[str, ...]) -> None:
@@ -109,6 +111,7 @@ class LocalBackend(Backend):
             self._starter.preload(modules)
         except (OSError, AssertionError):
             return  # the starter died; its successor preloads every module
+        self._ping_after_preload()
         # NOTE: processes forked before the Preload would import the module
         # at their first task (tens of ms); trade them for fresh ones now.
         for child in list(self._warm) + list(self._spawning):
@@ -474,8 +477,17 @@ class LocalBackend(Backend):
         self._ticker = asyncio.get_running_loop().call_later(
             CONSTS.starter_ping_interval, self._tick)
 
-    def _send_ping(self) -> None:
-        """Ping the starter unless a ping is already out; it has ``starter_deadline``."""
+    def _ping_after_preload(self) -> None:
+        """Ping right behind a Preload, with ``preload_deadline``: the starter cannot
+        answer while it imports (a big library may take seconds), and it answers
+        in order, so this Pong says the imports are done."""
+        if self._ping is not None:
+            self._ping[1].cancel()  # NOTE: its Pong, if it comes, no longer matches
+            self._ping = None
+        self._send_ping(CONSTS.preload_deadline)
+
+    def _send_ping(self, within: float = CONSTS.starter_deadline) -> None:
+        """Ping the starter unless a ping is already out; it has ``within`` seconds."""
         if self._ping is not None or self._starter.sock is None:
             return
         seq = next(self._pings)
@@ -484,11 +496,18 @@ class LocalBackend(Backend):
         except OSError:
             return  # it is gone; its pidfd tells
         deadline = asyncio.get_running_loop().call_later(
-            CONSTS.starter_deadline, self._starter_overdue, seq)
+            within, self._starter_overdue, seq, within)
         self._ping = (seq, deadline)
 
-    def _starter_overdue(self, seq: int) -> None:
+    def _starter_overdue(self, seq: int, within: float) -> None:
         """The starter did not answer in time (stopped, hung): kill its whole tree."""
+        # NOTE: an answer may wait unread (the loop itself was held up): read first.
+        sock = self._starter.sock
+        for _ in range(64):  # NOTE: bounded: an EOF stays readable
+            if (self._ping is None or sock is None or sock.fileno() < 0
+                    or not select.select([sock], [], [], 0)[0]):
+                break
+            self._on_starter_readable()
         if self._ping is None or self._ping[0] != seq:
             return
         self._ping = None
@@ -497,7 +516,7 @@ class LocalBackend(Backend):
             return
         self._starter_fault = (
             f"the starter process {starter.pid} did not answer for "
-            f"{CONSTS.starter_deadline:g} s (stopped or hung); it was killed with every "
+            f"{within:g} s (stopped or hung); it was killed with every "
             "task process tree")
         log.error("%s", self._starter_fault)
         # NOTE: SIGKILL works on a stopped process; descendants first, so that

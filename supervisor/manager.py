@@ -116,7 +116,7 @@ class Manager(Supervision):
         self._animators: dict[str, Registration] = {}
         self._queue: deque[str] = deque()
         self._running: set[str] = set()  # ids of the tasks the backend runs
-        self._progress_gates = {}  # progress waiting for its window, by task id
+        self._report_gates = {}  # reports waiting for their window, by task id
         self._terminating = False
         self._terminate_lock = threading.Lock()
         self._terminated = False
@@ -312,12 +312,12 @@ class Manager(Supervision):
             if task.cancel_requested:
                 return
             task.cancel_requested = True
-            if task.state is TaskState.NEW:
+            if task.state is TaskState.NEW and task_id not in self._running:
                 self._queue.remove(task_id)
                 self._table.transition(task, TaskState.CANCELED, "canceled while queued")
                 self._publish("PATCH", task)
                 self._loop_thread.call(self._schedule_purge, task_id)
-            else:
+            else:  # running, or being handed over (the loop cancels it once started)
                 task.touch()
                 self._publish("PATCH", task)
                 self._loop_thread.call(self._cancel_running, task_id)

@@ -299,11 +299,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def finite_float(text: str) -> float:
+    """``parse_float`` of strict JSON: a number beyond a float (``1e400``) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
 def check_result_json(text: object) -> str:
     """Check a result's JSON text strictly; return it in a form safe to serve.
 
     Strict means: a string of at most :data:`MAX_RESULT_BYTES`, valid JSON
-    without ``NaN``/``Infinity``, nested at most :data:`MAX_JSON_DEPTH` deep.
+    without ``NaN``/``Infinity`` or numbers beyond a float, nested at most
+    :data:`MAX_JSON_DEPTH` deep. The text returned is ASCII on one line (it is
+    spliced into event-stream lines): as given if it already is, else
+    re-encoded compactly, and then at most :data:`MAX_RESULT_BYTES` too.
 
     Raises:
         ProtocolError: naming what is wrong.
@@ -313,7 +324,7 @@ def check_result_json(text: object) -> str:
     if len(text) > MAX_RESULT_BYTES:
         raise ProtocolError(f"result of {len(text)} characters (limit {MAX_RESULT_BYTES})")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=finite_float)
     except RecursionError:
         raise ProtocolError(f"result nested more than {MAX_JSON_DEPTH} levels deep") from None
     except ValueError as exc:
@@ -322,8 +333,12 @@ def check_result_json(text: object) -> str:
     # the value only when it could be too deep.
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
         raise ProtocolError(f"result nested more than {MAX_JSON_DEPTH} levels deep")
-    if not text.isascii():
-        text = json.dumps(value)  # escapes non-ASCII, lone surrogates included
+    if not text.isascii() or "\n" in text or "\r" in text:
+        # NOTE: escapes non-ASCII (lone surrogates included), drops the line breaks
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        if len(text) > MAX_RESULT_BYTES:
+            raise ProtocolError(f"result of {len(text)} bytes of JSON once escaped "
+                                f"(limit {MAX_RESULT_BYTES})")
     return text
 
 
@@ -331,9 +346,12 @@ def check_timestamp(value: object) -> float:
     """Check a wall-clock timestamp from a child: a finite number of seconds since 1970."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError(f"timestamp is {type(value).__name__}, not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        raise ProtocolError(f"timestamp {repr(value)[:40]} is out of range") from None
     if not 0.0 <= number <= _LAST_TIMESTAMP:  # NaN fails this too
-        raise ProtocolError(f"timestamp {value!r} is out of range")
+        raise ProtocolError(f"timestamp {repr(value)[:40]} is out of range")
     return number
 
 
@@ -365,8 +383,11 @@ def check_report(message: object) -> object:
             if isinstance(message.pid, bool) or not isinstance(message.pid, int) or message.pid < 1:
                 raise ProtocolError(f"bad pid {message.pid!r}"[:200])
             return message
-    except (TypeError, ValueError) as exc:  # from check_progress
-        raise ProtocolError(f"bad {type(message).__name__}: {exc}"[:300]) from None
+    except ProtocolError:
+        raise
+    except Exception as exc:  # NOTE: any field may be missing or of any type
+        raise ProtocolError(f"bad {type(message).__name__}: "
+                            f"{type(exc).__name__}: {exc}"[:300]) from None
     raise ProtocolError(f"a task process may not send {type(message).__name__}")
 
 

@@ -58,8 +58,9 @@ class Message:
 class TaskSnapshot:
     """One version of one task, immutable: its wire form as fields and JSON parts.
 
-    ``json()`` is the task's JSON document; ``to_dict()`` is a fresh wire
-    dict the caller may keep and change.
+    ``json()`` is the task's JSON document, joined from the parts (and the
+    messages' JSON) when asked, outside the lock; ``to_dict()`` is a fresh
+    wire dict the caller may keep and change.
     """
 
     __slots__ = ("_parts", "cancel_requested", "id", "messages", "operation", "size",
@@ -67,7 +68,7 @@ class TaskSnapshot:
 
     def __init__(self, *, task_id: str, operation: str, state: str, version: int,
                  time_created: str, time_modified: str, cancel_requested: bool,
-                 messages: tuple[Message, ...], parts: tuple[bytes, ...]) -> None:
+                 messages: tuple[Message, ...], parts: tuple[bytes | None, ...]) -> None:
         self.id = task_id
         self.operation = operation
         self.state = state
@@ -78,7 +79,8 @@ class TaskSnapshot:
         self.messages = messages
         self._parts = parts
         #: the length of :meth:`json`, in bytes (what a backlog of it costs at most)
-        self.size = sum(len(part) for part in parts)
+        self.size = sum(len(part) + 1 if part is not None else 0 for part in parts) + sum(
+            len(message.json) + 1 for message in messages)
 
     @classmethod
     def build(cls, *, task_id: str, operation: str, object_id: str | None, state: str,
@@ -91,9 +93,9 @@ class TaskSnapshot:
         head = encode_json({"meta": meta, "operation": operation})
         tail: dict[str, Any] = {"state": state, "cancelRequested": cancel_requested}
         middle = encode_json(tail)
-        parts = [
+        parts: list[bytes | None] = [
             head[:-1], b',"serviceStates":', service_states_json, b',"args":', args_json,
-            b",", middle[1:-1], b',"messages":[', b",".join(m.json for m in messages),
+            b",", middle[1:-1], b',"messages":[', None,  # NOTE: None: the messages go here
             b'],"result":', result_json if result_json is not None else b"null",
         ]
         extra: dict[str, Any] = {}
@@ -121,8 +123,9 @@ class TaskSnapshot:
                    parts=(encode_json(wire),))
 
     def json(self) -> bytes:
-        """The task's JSON document (compact UTF-8, strict)."""
-        return b"".join(self._parts)
+        """The task's JSON document (compact UTF-8, strict, on one line)."""
+        return b"".join(b",".join(m.json for m in self.messages) if part is None else part
+                        for part in self._parts)
 
     def to_dict(self) -> dict[str, Any]:
         """A fresh wire dict of this version."""
@@ -144,7 +147,8 @@ class ChangeEvent:
         self.uri = uri
         self.scope = dict(scope)
         self.task = task
-        self.size = 128 + (task.size if task is not None else 0)
+        #: what a backlog counts for it (the DROPPED marker counts nothing)
+        self.size = 0 if method == "DROPPED" else 128 + (task.size if task is not None else 0)
 
     def json(self) -> bytes:
         """The event's JSON document (``task`` spliced in from the snapshot)."""

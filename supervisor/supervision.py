@@ -26,7 +26,6 @@ from supervisor.protocol import (
     ProtocolError,
     StateChanged,
     check_progress,
-    check_result_json,
     check_timestamp,
     clean_text,
 )
@@ -38,16 +37,24 @@ from supervisor.task import Task
 log = logging.getLogger("housekeeping.supervisor")
 
 
-class _ProgressGate:
-    """The progress of one task waiting for its coalescing window to end."""
+class _ReportGate:
+    """The reports of one task waiting for its coalescing window to end."""
 
-    __slots__ = ("applied", "timer", "timestamp", "values")
+    __slots__ = ("applied", "pending", "state", "timer", "timestamp", "values")
 
     def __init__(self) -> None:
-        self.values: dict[str, int] = {}
+        self.values: dict[str, int] = {}  #: progress, merged
         self.timestamp = 0.0
-        self.applied = -1e9  #: loop time of the last progress applied
+        #: notes (str) and state changes (TaskState), in order; the oldest drop
+        #: out as the task's messages would
+        self.pending: deque[str | TaskState] = deque(maxlen=CONSTS.max_messages)
+        self.state: TaskState | None = None  #: the last state asked for, never dropped
+        self.applied = -1e9  #: loop time of the last version applied
         self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.values or self.pending or self.state)
 
 
 class Supervision:
@@ -64,7 +71,7 @@ class Supervision:
     _running: set[str]
     _terminating: bool
     _backend: Backend
-    _progress_gates: dict[str, _ProgressGate]
+    _report_gates: dict[str, _ReportGate]
 
     def _check_open(self) -> None:
         if self._terminating:
@@ -102,27 +109,30 @@ class Supervision:
                 if not (self._queue and len(self._running) < self.max_workers
                         and self._backend.can_start()):
                     return
-                task_id = self._queue[0]
+                # NOTE: claimed (out of the queue, in _running) before the lock is
+                # released: a cancel meanwhile takes the running path and reaches
+                # the process once it started.
+                task_id = self._queue.popleft()
                 task = self._table.get(task_id)
                 assert task is not None and task.state is TaskState.NEW
+                self._running.add(task_id)
                 snapshot, registration = task.snapshot(), task.registration
             # NOTE: the hand-over (decoding the task, pickling, writing to a
             # pipe or a scheduler) happens outside the lock, so that no reader
-            # waits on a child. Only this loop thread dispatches, so the task
-            # stays at the head of the queue unless it is canceled meanwhile.
-            launch = Launch(task_id, snapshot.json(), registration)
-            started = self._backend.start(launch)
+            # waits on a child.
+            started = self._backend.start(Launch(task_id, snapshot.json(), registration))
             with self._lock:
-                if not started:
-                    continue
-                self._running.add(task_id)
-                if self._queue and self._queue[0] == task_id:
-                    self._queue.popleft()
+                if started:
                     self._table.transition(task, TaskState.ACTIVE)
                     self._publish("PATCH", task)
                     continue
-            # canceled while it was being handed over: stop what was started
-            self._backend.cancel(task_id)
+                self._running.discard(task_id)
+                if not task.cancel_requested:
+                    self._queue.appendleft(task_id)  # the backend could not take it: retry
+                    continue
+                self._table.transition(task, TaskState.CANCELED, "canceled while queued")
+                self._publish("PATCH", task)
+            self._schedule_purge(task_id)
 
     def _fail_queued(self, reason: str) -> None:
         with self._lock:
@@ -143,91 +153,87 @@ class Supervision:
         self._dispatch()
 
     def task_message(self, task_id: str, message: Report) -> str | None:
-        """Apply one report of a running task (ignored once it is terminal).
+        """Take one report of a running task (ignored once it is terminal).
 
-        Progress is coalesced here too, whatever the child does: at most one
-        progress version per ``Consts.progress_interval`` per task, the latest
-        value applied at the end of the window. Any other report first applies
-        the progress pending before it, so the order of changes is kept.
+        Reports are coalesced here, whatever the child does: a task gets at
+        most one version per ``Consts.progress_interval``. The first report
+        after a quiet window applies at once; the others of the window wait
+        for its end and apply together, in order (progress merged, its
+        latest value last), so a flood of frames cannot flood the table.
         """
+        if task_id not in self._running:
+            return None  # NOTE: it ended; a late report must not leave a gate behind
+        gate = self._report_gates.get(task_id)
+        if gate is None:
+            gate = self._report_gates[task_id] = _ReportGate()
         if isinstance(message, Progress):
             try:
                 values = check_progress(dict(message.values))
                 timestamp = check_timestamp(message.timestamp)
             except (TypeError, ValueError, ProtocolError) as exc:
                 return f"bad progress: {exc}"
-            self._gate_progress(task_id, values, timestamp)
-            return None
-        self._flush_progress(task_id)
-        with self._lock:
-            task = self._table.get(task_id)
-            if task is None or task.terminal:
-                return None
-            if isinstance(message, StateChanged):
-                if message.state not in (TaskState.ACTIVE.value, TaskState.WAITING.value):
-                    return f"bad state {message.state!r}"[:200]
-                new = TaskState(message.state)
-                if new is task.state:
-                    return None
-                self._table.transition(task, new)
-            elif isinstance(message, Note):
-                task.note(clean_text(message.text))
-                task.touch()
+            gate.values.update(values)
+            gate.timestamp = timestamp
+        elif isinstance(message, StateChanged):
+            if message.state not in (TaskState.ACTIVE.value, TaskState.WAITING.value):
+                return f"bad state {message.state!r}"[:200]
+            gate.state = TaskState(message.state)
+            gate.pending.append(gate.state)
+        elif isinstance(message, Note):
+            gate.pending.append(clean_text(message.text))
+        else:
+            return f"unexpected {type(message).__name__}"
+        if gate.timer is None:
+            loop = asyncio.get_running_loop()
+            wait = gate.applied + CONSTS.progress_interval - loop.time()
+            if wait <= 0:
+                self._flush_reports(task_id)
             else:
-                return f"unexpected {type(message).__name__}"
-            self._publish("PATCH", task)
+                gate.timer = loop.call_later(wait, self._flush_reports, task_id)
         return None
 
-    def _gate_progress(self, task_id: str, values: dict[str, int], timestamp: float) -> None:
-        """Apply progress now, or merge it into the window's pending value."""
-        loop = asyncio.get_running_loop()
-        gate = self._progress_gates.get(task_id)
-        if gate is None:
-            gate = self._progress_gates[task_id] = _ProgressGate()
-        gate.values.update(values)
-        gate.timestamp = timestamp
-        if gate.timer is not None:
-            return
-        wait = gate.applied + CONSTS.progress_interval - loop.time()
-        if wait <= 0:
-            self._flush_progress(task_id)
-        else:
-            gate.timer = loop.call_later(wait, self._flush_progress, task_id)
-
-    def _flush_progress(self, task_id: str) -> None:
-        """Apply the progress pending for a task, if any."""
-        gate = self._progress_gates.get(task_id)
-        if gate is None or not gate.values:
+    def _flush_reports(self, task_id: str) -> None:
+        """Apply the reports pending for a task, if any, as one change event."""
+        gate = self._report_gates.get(task_id)
+        if gate is None or gate.empty:
             return
         if gate.timer is not None:
             gate.timer.cancel()
             gate.timer = None
-        values, gate.values = gate.values, {}
         gate.applied = asyncio.get_running_loop().time()
+        pending, values, last_state = list(gate.pending), gate.values, gate.state
+        gate.pending.clear()
+        gate.values, gate.state = {}, None
         with self._lock:
             task = self._table.get(task_id)
             if task is None or task.terminal:
                 return
-            task.set_progress(values, gate.timestamp)
-            self._publish("PATCH", task)
+            version = task.version
+            for item in pending:
+                if isinstance(item, TaskState):
+                    if item is not task.state:
+                        self._table.transition(task, item)
+                else:
+                    task.note(item)
+            if last_state is not None and last_state is not task.state:
+                self._table.transition(task, last_state)
+            if values:
+                task.set_progress(values, gate.timestamp)
+            if pending and task.version == version:
+                task.touch()  # notes only
+            if task.version != version:
+                self._publish("PATCH", task)
 
     def task_finished(self, task_id: str, outcome: Outcome) -> None:
         """Record the task's one terminal state and free its slot."""
-        self._flush_progress(task_id)  # NOTE: the last progress is never lost
-        self._progress_gates.pop(task_id, None)
-        result_bytes = None
-        if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
-            # NOTE: whatever the backend, the table holds strict JSON only.
-            try:
-                result_bytes = check_result_json(outcome.result_json).encode("ascii")
-            except ProtocolError as exc:
-                outcome = Outcome(TaskState.FAILED, (f"protocol error: {exc}",))
+        self._flush_reports(task_id)  # NOTE: the last reports are never lost
+        self._report_gates.pop(task_id, None)
         with self._lock:
             self._running.discard(task_id)
             task = self._table.get(task_id)
             if task is not None and not task.terminal:
                 if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
-                    task.result_json = result_bytes
+                    task.result_json = outcome.result_json.encode("ascii")
                 self._table.transition(task, outcome.state, *outcome.notes)
                 self._publish("PATCH", task)
         first = outcome.notes[0] if outcome.notes else ""

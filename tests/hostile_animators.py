@@ -218,6 +218,14 @@ def bad_result(kind: str) -> str:
         return '{"x": NaN}'
     if kind == "huge":  # valid JSON, three times the result limit
         return json.dumps("x" * (3 * MiB - 2))
+    if kind == "overflow":  # a number no float can hold
+        return '{"x": 1e400}'
+    if kind == "escaped":  # under the limit as sent, 4.8 MB once escaped as ASCII
+        return json.dumps("\U0001f600" * 400_000, ensure_ascii=False)
+    if kind == "lines":  # valid JSON with line breaks between its tokens
+        return '{"a":\n1,\r"event": "x"}'
+    if kind == "fieldless":  # a Finished without its fields: ``result_json`` missing
+        return ""
     raise ValueError(kind)
 
 
@@ -238,6 +246,8 @@ class RawResult(Animator):
         padding = b"".join(frame(Progress({"offset_bytes": i}, now))
                            for i in range(int(args.get("padding", 0))))
         final = Finished(TaskState.SUCCEEDED.value, result_json=bad_result(args["kind"]))
+        if args["kind"] == "fieldless":
+            final = Finished.__new__(Finished)
         data = frame(Note(text)) + padding + frame(final)
         if args.get("then") == "exit":
             widen_send_buffer(ops, len(data))
@@ -251,12 +261,14 @@ class RawResult(Animator):
 
 
 class NanProgress(Animator):
-    """Write ``ready`` and a ``Progress`` stamped NaN in one ``os.write``; then linger."""
+    """Write ``ready`` and a ``Progress`` stamped NaN (or ``args.stamp``: "huge", an
+    int no float can hold) in one ``os.write``; then linger."""
 
     def execute(self, ops: Any) -> Any:
         text = ready_text()
         write_info(_args(ops).get("infofile"), text)
-        data = frame(Note(text)) + frame(Progress({"percent_complete": 50}, math.nan))
+        stamp = 10**400 if _args(ops).get("stamp") == "huge" else math.nan
+        data = frame(Note(text)) + frame(Progress({"percent_complete": 50}, stamp))
         written = os.write(ops.pipe_fileno(), data)
         assert written == len(data), f"one write took {written} of {len(data)} bytes"
         linger()
@@ -278,13 +290,15 @@ class ProgressFlood(Animator):
 
     def execute(self, ops: Any) -> Any:
         count = int(_args(ops).get("frames", 300_000))
+        notes = _args(ops).get("what") == "notes"  # Note frames instead of Progress
         announce(ops)
         started = time.monotonic()
         batch = 1000
         for first in range(0, count, batch):
             now = time.time()
             write_raw(ops, b"".join(
-                frame(Progress({"percent_complete": i * 100 // count, "offset_bytes": i}, now))
+                frame(Note(f"note {i}") if notes else
+                      Progress({"percent_complete": i * 100 // count, "offset_bytes": i}, now))
                 for i in range(first, min(first + batch, count))
             ))
         write_raw(ops, frame(Progress({"percent_complete": 100, "offset_bytes": FLOOD_LAST},

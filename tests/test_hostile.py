@@ -254,6 +254,9 @@ BAD_RESULTS = {
     "deep": (f"result nested more than {MAX_JSON_DEPTH} levels deep",),
     "nan": ("result is not strict JSON", "NaN is not a JSON number"),
     "huge": (f"result of {3 * MiB} characters (limit {MAX_RESULT_BYTES})",),
+    "overflow": ("result is not strict JSON", "number 1e400 is out of range"),
+    "escaped": ("once escaped", f"(limit {MAX_RESULT_BYTES})"),
+    "fieldless": ("bad Finished: AttributeError",),
 }
 
 
@@ -293,19 +296,38 @@ def test_result_that_is_no_strict_json(manager: Any, caplog: pytest.LogCaptureFi
     assert not loop_tracebacks(caplog), loop_tracebacks(caplog)
 
 
+def test_a_result_with_line_breaks_is_kept_on_one_line(manager: Any, tmp_path: Path) -> None:
+    """A raw result that is valid JSON with line breaks between its tokens: SUCCEEDED,
+    and the JSON served (spliced into event-stream lines) has no line break."""
+    m = hostile_manager(manager)
+    events: list[Any] = []
+    m.subscribe_changes(events.append)
+    args = {"kind": "lines", "then": "return", "infofile": str(tmp_path / "info.json")}
+    tid = m.run_task({"operation": "RAW_RESULT", "args": args})
+    task = wait_terminal(m, tid, timeout=SLACK * 2)
+    assert task["state"] == "SUCCEEDED" and task["result"] == {"a": 1, "event": "x"}, task
+    document = m.get_snapshot(tid).json()
+    assert b"\n" not in document and b"\r" not in document, document
+    wait_for(lambda: events and events[-1].task.state == "SUCCEEDED")
+    assert all(b"\n" not in event.json() for event in events)
+
+
 # -- 5. a bad frame after a good one ------------------------------------------------------------
 
 
-def test_nan_progress_after_a_note_in_one_write(manager: Any, tmp_path: Path) -> None:
-    """A Note and a Progress stamped NaN in one ``os.write``: FAILED "protocol error",
-    the Note kept, the progress never applied."""
+@pytest.mark.parametrize("stamp", ["nan", "huge"])
+def test_nan_progress_after_a_note_in_one_write(manager: Any, tmp_path: Path,
+                                                stamp: str) -> None:
+    """A Note and a Progress stamped NaN (or 10**400) in one ``os.write``: FAILED
+    "protocol error", the Note kept, the progress never applied."""
     m = hostile_manager(manager)
     infofile = tmp_path / "info.json"
-    tid = m.run_task({"operation": "NAN_PROGRESS", "args": {"infofile": str(infofile)}})
+    tid = m.run_task({"operation": "NAN_PROGRESS",
+                      "args": {"infofile": str(infofile), "stamp": stamp}})
     info = wait_for(lambda: infofile.exists() and json.loads(infofile.read_text() or "null"))
     watched = watch(info)
     task = wait_terminal(m, tid, timeout=SLACK * 2)
-    assert_ended(task, "FAILED", "protocol error", "timestamp nan is out of range")
+    assert_ended(task, "FAILED", "protocol error", "timestamp", "is out of range")
     assert animators.ready_info(task) == info, f"the note was lost: {joined(task)}"
     assert task.get("progress") is None, task.get("progress")
     assert not tree_left(watched), tree_left(watched)
@@ -315,25 +337,29 @@ def test_nan_progress_after_a_note_in_one_write(manager: Any, tmp_path: Path) ->
 # -- 6. a flood of progress frames -----------------------------------------------------------
 
 
-def test_progress_flood_is_coalesced(manager: Any) -> None:
-    """300,000 raw Progress frames: the task's version grows by at most
+@pytest.mark.parametrize("what", ["progress", "notes"])
+def test_progress_flood_is_coalesced(manager: Any, what: str) -> None:
+    """300,000 raw Progress (or Note) frames: the task's version grows by at most
     ``1 / progress_interval`` per second (plus a few other changes), the last
     value shows while the task runs, and another task runs meanwhile."""
     m = hostile_manager(manager)
     since = time.monotonic()
-    tid = m.run_task({"operation": "FLOOD", "args": {"frames": FLOOD_FRAMES}})
+    tid = m.run_task({"operation": "FLOOD", "args": {"frames": FLOOD_FRAMES, "what": what}})
     watched = watch(ready(m, tid))
     library_still_serves(m)  # while the flood goes on (or just after it)
 
     def latest() -> dict[str, Any] | None:
         task = m.get_task(tid)
         shown = (task.get("progress") or {}).get("offsetBytes") == FLOOD_LAST
-        return task if shown and "flooded" in joined(task) else None
+        return task if (shown or what == "notes") and "flooded" in joined(task) else None
 
     task = wait_for(latest, message=lambda: str(m.get_task(tid)["progress"]))
     elapsed = time.monotonic() - since
     assert task["state"] == "ACTIVE", joined(task)
     assert task["progress"]["percentComplete"] == 100, task["progress"]
+    if what == "notes":  # the newest notes are kept, in order
+        texts = message_texts(task)
+        assert texts[-3:-1] == [f"note {FLOOD_FRAMES - 2}", f"note {FLOOD_FRAMES - 1}"], texts
     version = task["meta"]["version"]
     bound = PROGRESS_RATE * elapsed + 20
     assert version <= bound, f"version {version} after {elapsed:.1f} s (bound {bound:.0f})"

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import animators
 import psutil
 import pytest
-from conftest import is_alive, message_texts, wait_for, wait_state, wait_terminal
+from conftest import (
+    TIMEOUT,
+    is_alive,
+    message_texts,
+    pids_gone,
+    wait_for,
+    wait_state,
+    wait_terminal,
+)
 
-from supervisor import TaskNotFound
+from supervisor import LocalBackend, TaskNotFound
+from supervisor.backend import Launch
 
 
 def start(m, operation, animator, args=None):
@@ -127,3 +138,35 @@ def test_cancel_one_leaves_the_others_running(manager):
         task = m.get_task(tid)
         assert task["state"] == "ACTIVE"
         assert task["cancelRequested"] is False
+
+
+class CancelDuringHandOver(LocalBackend):
+    """A local backend that has each task canceled, from another thread, while the
+    manager hands it over (outside the manager's lock)."""
+
+    manager: Any = None
+
+    def start(self, launch: Launch) -> bool:
+        canceler = threading.Thread(target=self.manager.cancel_task, args=(launch.task_id,))
+        canceler.start()
+        canceler.join(TIMEOUT)
+        return super().start(launch)
+
+
+def test_a_cancel_during_the_hand_over_reaches_the_process(manager):
+    """A task canceled while it is being handed over is not recorded CANCELED while its
+    process runs: the cancel takes the running path, and once the task is terminal its
+    process is gone."""
+    backend = CancelDuringHandOver()
+    m = manager(max_workers=1, backend=backend, cancel_grace=5)
+    backend.manager = m
+    m.register_animator("COOP", animators.Cooperative())
+    tid = m.run_task({"operation": "COOP"})
+    task = wait_terminal(m, tid)
+    texts = message_texts(task)
+    assert task["state"] == "CANCELED" and task["cancelRequested"], texts
+    assert "canceled while queued" not in texts, texts
+    info = animators.ready_info(task)
+    assert info is not None, f"the process's report was dropped: {texts}"
+    assert pids_gone(info["pid"]), "the process outlived its terminal task"
+    assert m.counts()["running"] == 0

@@ -9,7 +9,7 @@ from typing import Any
 import animators
 import psutil
 import pytest
-from conftest import describe, is_alive, message_texts, wait_for, wait_terminal
+from conftest import TIMEOUT, describe, is_alive, message_texts, wait_for, wait_terminal
 
 from supervisor.protocol import MAX_RESULT_BYTES
 
@@ -207,3 +207,25 @@ def test_task_process_and_starter_killed_together(manager):
     assert task["state"] == "FAILED", message_texts(task)
     assert not is_alive(task_process)
     assert_still_works(m)
+
+
+def test_a_slow_import_in_the_starter_is_not_a_hung_starter(manager):
+    """The starter cannot answer pings while it imports an animator module; one that
+    takes longer than ``starter_deadline`` to import is waited for, not killed: the
+    task running meanwhile goes on, and the module's tasks run."""
+    from supervisor.consts import CONSTS
+
+    m = manager(max_workers=2)
+    m.register_animator("COOP", animators.Cooperative())
+    running = m.run_task({"operation": "COOP"})
+    wait_for(lambda: animators.ready_info(m.get_task(running)))
+    import slow_import  # NOTE: here, so that only this test pays for the import
+
+    assert slow_import.SLOW_IMPORT_SECONDS > CONSTS.starter_deadline
+    m.register_animator("SLOW", slow_import.Imported())
+    tid = m.run_task({"operation": "SLOW"})
+    task = wait_terminal(m, tid, timeout=TIMEOUT)
+    assert task["state"] == "SUCCEEDED", message_texts(task)
+    assert m.get_task(running)["state"] == "ACTIVE", message_texts(m.get_task(running))
+    m.cancel_task(running)
+    assert wait_terminal(m, running)["state"] == "CANCELED"

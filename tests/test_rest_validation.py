@@ -286,3 +286,16 @@ def _call(app: Any, env: dict[str, Any]) -> tuple[str, bytes]:
 
     body = b"".join(app(env, start_response))
     return seen[0], body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"operation": "SLEEP", "args": {"x": 1e400}}',
+    b'{"operation": "SLEEP", "args": {"x":\n-1e400}}',
+    b'{"operation": "SLEEP", "serviceStates": {"x": 1E999}}',
+])
+def test_numbers_beyond_a_float_are_refused(body: bytes) -> None:
+    """1e400 parses to infinity, which is no JSON: 400 on one line or several."""
+    client, fake = make_client()
+    result = post_raw(client, body)
+    assert_error(result.status_code, result.json, 400, "out of range")
+    assert fake.created == []

@@ -133,7 +133,7 @@ def _execute(start: Start, ops: TaskOps) -> Finished:
 def _encode_result(result: Any) -> Finished:
     """Check that the result is JSON of at most 1 MiB; else the task FAILED."""
     try:
-        text = json.dumps(result, allow_nan=False)
+        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
         return Finished(
             TaskState.FAILED.value,
