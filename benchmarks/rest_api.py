@@ -119,7 +119,8 @@ def run(options: Options) -> Section:
             runs = stack.enter_context(ServerProcess(
                 hk_command("--purge-delay", "0", "--max-workers", "2")))
             queues = stack.enter_context(ServerProcess(
-                hk_command("--purge-delay", "0", "--max-workers", "1")))
+                hk_command("--purge-delay", "0", "--max-workers", "1",
+                           "--max-queued", "1000000")))  # NOTE: above the default 10,000
             created = runs.json("POST", API, {"operation": "NOOP"})
             queues.json("POST", API, {"operation": "HOLD"})  # takes the only slot
             drain(runs)
