@@ -40,21 +40,19 @@ log = logging.getLogger("housekeeping.supervisor")
 class _ReportGate:
     """The reports of one task waiting for its coalescing window to end."""
 
-    __slots__ = ("applied", "pending", "state", "timer", "timestamp", "values")
+    __slots__ = ("applied", "pending", "timer", "timestamp", "values")
 
     def __init__(self) -> None:
         self.values: dict[str, int] = {}  #: progress, merged
         self.timestamp = 0.0
-        #: notes (str) and state changes (TaskState), in order; the oldest drop
-        #: out as the task's messages would
-        self.pending: deque[str | TaskState] = deque(maxlen=CONSTS.max_messages)
-        self.state: TaskState | None = None  #: the last state asked for, never dropped
+        #: notes, in order; the oldest drop out as the task's messages would
+        self.pending: deque[str] = deque(maxlen=CONSTS.max_messages)
         self.applied = -1e9  #: loop time of the last version applied
         self.timer: asyncio.TimerHandle | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.values or self.pending or self.state)
+        return not (self.values or self.pending)
 
 
 class Supervision:
@@ -120,17 +118,25 @@ class Supervision:
             # NOTE: the hand-over (decoding the task, pickling, writing to a
             # pipe or a scheduler) happens outside the lock, so that no reader
             # waits on a child.
-            started = self._backend.start(Launch(task_id, snapshot.json(), registration))
+            broken = None
+            try:
+                started = self._backend.start(Launch(task_id, snapshot.json(), registration))
+            except Exception as exc:  # NOTE: a backend's bug fails this task, not the loop
+                log.exception("task %s could not be started", task_id)
+                started, broken = False, f"could not be started: {type(exc).__name__}: {exc}"
             with self._lock:
                 if started:
                     self._table.transition(task, TaskState.ACTIVE)
                     self._publish("PATCH", task)
                     continue
                 self._running.discard(task_id)
-                if not task.cancel_requested:
+                if broken is None and not task.cancel_requested:
                     self._queue.appendleft(task_id)  # the backend could not take it: retry
                     continue
-                self._table.transition(task, TaskState.CANCELED, "canceled while queued")
+                if broken is not None:
+                    self._table.transition(task, TaskState.FAILED, broken[:300])
+                else:
+                    self._table.transition(task, TaskState.CANCELED, "canceled while queued")
                 self._publish("PATCH", task)
             self._schedule_purge(task_id)
 
@@ -155,11 +161,12 @@ class Supervision:
     def task_message(self, task_id: str, message: Report) -> str | None:
         """Take one report of a running task (ignored once it is terminal).
 
-        Reports are coalesced here, whatever the child does: a task gets at
-        most one version per ``Consts.progress_interval``. The first report
+        Progress and notes are coalesced here, whatever the child does: they
+        make at most one version per ``Consts.progress_interval``. The first
         after a quiet window applies at once; the others of the window wait
-        for its end and apply together, in order (progress merged, its
-        latest value last), so a flood of frames cannot flood the table.
+        for its end and apply together as one version (notes in order,
+        progress merged), so a flood of frames cannot flood the table. A state
+        change is a change of its own: what is pending applies first, then it.
         """
         if task_id not in self._running:
             return None  # NOTE: it ended; a late report must not leave a gate behind
@@ -177,8 +184,14 @@ class Supervision:
         elif isinstance(message, StateChanged):
             if message.state not in (TaskState.ACTIVE.value, TaskState.WAITING.value):
                 return f"bad state {message.state!r}"[:200]
-            gate.state = TaskState(message.state)
-            gate.pending.append(gate.state)
+            self._flush_reports(task_id)
+            with self._lock:
+                task = self._table.get(task_id)
+                new = TaskState(message.state)
+                if task is not None and not task.terminal and new is not task.state:
+                    self._table.transition(task, new)
+                    self._publish("PATCH", task)
+            return None
         elif isinstance(message, Note):
             gate.pending.append(clean_text(message.text))
         else:
@@ -201,28 +214,20 @@ class Supervision:
             gate.timer.cancel()
             gate.timer = None
         gate.applied = asyncio.get_running_loop().time()
-        pending, values, last_state = list(gate.pending), gate.values, gate.state
+        pending, values = list(gate.pending), gate.values
         gate.pending.clear()
-        gate.values, gate.state = {}, None
+        gate.values = {}
         with self._lock:
             task = self._table.get(task_id)
             if task is None or task.terminal:
                 return
-            version = task.version
-            for item in pending:
-                if isinstance(item, TaskState):
-                    if item is not task.state:
-                        self._table.transition(task, item)
-                else:
-                    task.note(item)
-            if last_state is not None and last_state is not task.state:
-                self._table.transition(task, last_state)
+            for text in pending:
+                task.note(text)
             if values:
-                task.set_progress(values, gate.timestamp)
-            if pending and task.version == version:
-                task.touch()  # notes only
-            if task.version != version:
-                self._publish("PATCH", task)
+                task.set_progress(values, gate.timestamp)  # NOTE: the one version bump
+            else:
+                task.touch()
+            self._publish("PATCH", task)
 
     def task_finished(self, task_id: str, outcome: Outcome) -> None:
         """Record the task's one terminal state and free its slot."""

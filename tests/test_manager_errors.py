@@ -6,16 +6,18 @@ from typing import Any
 
 import animators
 import pytest
-from conftest import EventLog, wait_for, wait_terminal
+from conftest import EventLog, message_texts, wait_for, wait_terminal
 
 from supervisor import (
     HousekeepingError,
     InvalidAnimator,
     InvalidArguments,
+    LocalBackend,
     Manager,
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.backend import Launch
 
 
 @pytest.fixture
@@ -174,3 +176,29 @@ def test_error_hierarchy():
         assert issubclass(error, HousekeepingError)
     assert issubclass(InvalidArguments, ValueError)
     assert issubclass(TaskNotFound, LookupError)
+
+
+class StartRaisesOnce(LocalBackend):
+    """A local backend whose first ``start`` raises (a bug in a backend)."""
+
+    raised = False
+
+    def start(self, launch: Launch) -> bool:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("backend bug")
+        return super().start(launch)
+
+
+def test_a_start_that_raises_fails_that_task_only(manager):
+    """An exception from the backend's ``start`` (run outside the lock) fails that task,
+    is logged, and neither stalls the queue nor the loop: the next task runs."""
+    m = manager(max_workers=1, backend=StartRaisesOnce())
+    m.register_animator("QUICK", animators.Quick())
+    first = m.run_task({"operation": "QUICK"})
+    failed = wait_terminal(m, first)
+    assert failed["state"] == "FAILED", message_texts(failed)
+    assert "could not be started: RuntimeError: backend bug" in message_texts(failed)
+    second = wait_terminal(m, m.run_task({"operation": "QUICK"}))
+    assert second["state"] == "SUCCEEDED", message_texts(second)
+    assert m.counts()["running"] == 0
