@@ -326,8 +326,23 @@ def _fork_sleeper() -> int:
     return pid
 
 
-def _double_fork_daemon(pidfile: str) -> int:
-    """Start a daemon (fork, setsid, fork again) and return its pid from ``pidfile``."""
+def host_pid(pid: int | str = "self") -> int:
+    """The pid of a process in the outermost (host) PID namespace.
+
+    ``os.getpid()`` is the pid in the process's own namespace (1 for a task
+    that is PID 1 of a namespace of its own); the first field of ``NSpid:``
+    in ``/proc/<pid>/status`` is the host's, which is what a test sees.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no NSpid line in /proc/{pid}/status")
+
+
+def _double_fork_daemon(pidfile: str, lifetime: float = _FOREVER) -> int:
+    """Start a daemon (fork, setsid, fork again) that lives ``lifetime`` seconds unless
+    killed; return its host pid (see :func:`host_pid`), read from ``pidfile``."""
     first = os.fork()
     if first == 0:
         try:
@@ -336,9 +351,9 @@ def _double_fork_daemon(pidfile: str) -> int:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 with open(pidfile + ".tmp", "w") as f:
-                    f.write(str(os.getpid()))
+                    f.write(str(host_pid()))
                 os.rename(pidfile + ".tmp", pidfile)
-                time.sleep(_FOREVER)
+                time.sleep(lifetime)
         finally:
             os._exit(0)
     os.waitpid(first, 0)

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import animators
+from animators import host_pid
 
 from supervisor import Animator, TaskState
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
@@ -44,20 +45,6 @@ LINGER = 20.0
 #: How long a daemon left by :class:`EscapeStarter` lives if nobody kills it, and a
 #: :class:`Patient` task if nobody cancels it.
 DAEMON_LIFE = 60.0
-
-
-def host_pid(pid: int | str = "self") -> int:
-    """The pid of a process in the outermost (host) PID namespace.
-
-    ``os.getpid()`` is the pid in the process's own namespace (1 for a task
-    that is PID 1 of a namespace of its own); the first field of ``NSpid:``
-    in ``/proc/<pid>/status`` is the host's, which is what a test sees.
-    """
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no NSpid line in /proc/{pid}/status")
 
 
 def _args(ops: Any) -> dict[str, Any]:
@@ -329,26 +316,6 @@ class StopStarter(Animator):
         return "the starter was stopped and nobody noticed"
 
 
-def _daemon(pidfile: str) -> int:
-    """Leave a ``setsid`` double-forked daemon that writes its host pid; return that pid."""
-    first = os.fork()
-    if first == 0:
-        try:
-            os.setsid()
-            if os.fork() == 0:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                with open(pidfile + ".tmp", "w") as f:
-                    f.write(str(host_pid()))
-                os.rename(pidfile + ".tmp", pidfile)
-                linger(DAEMON_LIFE)
-        finally:
-            os._exit(0)
-    os.waitpid(first, 0)
-    wait_for_file(pidfile)
-    with open(pidfile) as f:
-        return int(f.read())
-
-
 class EscapeStarter(Animator):
     """Escape both subreapers below the supervisor, then SIGKILL the starter.
 
@@ -364,7 +331,7 @@ class EscapeStarter(Animator):
         starter = os.getppid()
         check_starter(starter)
         prctl(PR_SET_CHILD_SUBREAPER, 0)
-        daemon = _daemon(_args(ops)["pidfile"])
+        daemon = animators._double_fork_daemon(_args(ops)["pidfile"], DAEMON_LIFE)
         announce(ops, children=[daemon], starter=host_pid(starter))
         wait_for_file(_args(ops)["gate"])
         os.kill(starter, signal.SIGKILL)
