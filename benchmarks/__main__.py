@@ -29,6 +29,7 @@ BENCHMARKS = {
     "scaling": "benchmarks.scaling",
     "dask": "benchmarks.dask_backend",
     "hostile": "benchmarks.hostile",
+    "sandbox": "benchmarks.sandbox",
 }
 #: Hard time limit of one benchmark (seconds): quick, full.
 LIMITS = {"quick": 60.0, "full": 300.0}

@@ -53,11 +53,16 @@ class ManagerStart(Approach):
     executing = "housekeeping run_task → execute() begins"
     pause = 0.01
 
+    def __init__(self, sandbox: Any = None, label: str = "") -> None:
+        self.sandbox = sandbox  #: the manager's default sandbox (None: the library's)
+        if label:
+            self.name, self.executing = f"{self.name} ({label})", f"{self.executing} ({label})"
+
     def __enter__(self) -> ManagerStart:
         self.recorder = Recorder()
         self.manager = recorded_manager(
             lambda m: m.register_animator("STARTED", animators.Started()), self.recorder,
-            max_workers=2, purge_delay=600,
+            max_workers=2, purge_delay=600, sandbox=self.sandbox,
         )
         try:
             for _ in range(WARMUP):

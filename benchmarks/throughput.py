@@ -25,10 +25,11 @@ WORKERS = 2
 class Batch(Approach):
     """An approach whose sample runs ``tasks`` tasks and returns tasks per second."""
 
-    def __init__(self, name: str, tasks: int, cpu: Table) -> None:
+    def __init__(self, name: str, tasks: int, cpu: Table, sandbox: Any = None) -> None:
         self.name = name
         self.tasks = tasks
         self.cpu = cpu
+        self.sandbox = sandbox  #: a Manager's default sandbox (None: the library's)
 
     def sample(self) -> float:
         cpu = time.process_time()
@@ -48,7 +49,7 @@ class ManagerBatch(Batch):
         self.recorder = Recorder()
         self.manager = recorded_manager(
             lambda m: m.register_animator("NOOP", animators.Noop()), self.recorder,
-            warmup="NOOP", max_workers=WORKERS, purge_delay=600,
+            warmup="NOOP", max_workers=WORKERS, purge_delay=600, sandbox=self.sandbox,
         )
         return self
 

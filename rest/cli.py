@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rest.auth import AccessControl
+    from supervisor.sandbox import Sandbox
 
 log = logging.getLogger("housekeeping.server")
 
@@ -120,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
              "(e.g. tcp://10.0.0.5:8786); 'local' starts a LocalCluster on loopback "
              "with a single-threaded worker process per CPU. Needs housekeeping[dask]")
     add("--no-demo", action="store_true", help="do not register the SLEEP and HASH demo animators")
+    add("--no-private-pids", action="store_true",
+        help="run tasks without a PID namespace of their own (by default each task gets "
+             "one where the kernel permits it)")
+    add("--private-network", action="store_true",
+        help="give each task a network namespace with only loopback")
+    add("--run-as", metavar="USER|dynamic", type=_user,
+        help="run tasks as this user (name or uid), or 'dynamic': a uid of its own per "
+             "running task (the server must run as root)")
+    add("--max-processes", type=_positive, metavar="N",
+        help="processes a task's user may have at once (needs --run-as)")
+    add("--max-cpu-seconds", type=_positive_seconds, metavar="S",
+        help="CPU seconds of a task process; over it the task FAILED")
+    add("--max-open-files", type=_positive, metavar="N",
+        help="file descriptors of a task process")
     add("--metrics-token", metavar="TOKEN", default=os.environ.get("HOUSEKEEPING_METRICS_TOKEN"),
         help="bearer token that /metrics requires (default: $HOUSEKEEPING_METRICS_TOKEN; "
              "without one, /metrics needs no authentication)")
@@ -148,7 +163,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from rest.app import RestOptions, install_error_handling, register_handlers
     from rest.server import AccessLog, Server, install_signal_handlers
-    from supervisor import Manager
+    from supervisor import InvalidAnimator, Manager
     from supervisor.linux import return_large_blocks
 
     stop = install_signal_handlers()
@@ -165,7 +180,12 @@ def serve(args: argparse.Namespace) -> int:
             cancel_grace=args.cancel_grace,
             subreaper=backend is None,
             backend=backend,
+            sandbox=_sandbox(args),
         )
+    except InvalidAnimator as exc:
+        if backend is not None:
+            backend.kill_everything()
+        raise CommandError(RET_USAGE, f"sandbox: {exc}") from None
     except BaseException:
         if backend is not None:
             backend.kill_everything()
@@ -194,6 +214,7 @@ def serve(args: argparse.Namespace) -> int:
                 RET_BIND, f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
             ) from None
         log.info("operations: %s", ", ".join(manager.registered_operations()) or "none")
+        log.info("containment: %s (%s)", manager.containment, _describe(manager.sandbox))
         ok = server.serve_until_stopped(handlers, manager.terminate, sys.stdout)
     finally:
         manager.terminate()
@@ -332,6 +353,37 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _user(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def _sandbox(args: argparse.Namespace) -> Sandbox:
+    from supervisor import Sandbox
+
+    return Sandbox(
+        private_pids=False if args.no_private_pids else None,
+        private_network=args.private_network,
+        user=args.run_as,
+        max_processes=args.max_processes,
+        max_cpu_seconds=args.max_cpu_seconds,
+        max_open_files=args.max_open_files,
+    )
+
+
+def _describe(sandbox: Sandbox) -> str:
+    """The sandbox's settings that are on, for the start-up log line."""
+    parts = [f"{key}={value!r}" for key, value in sandbox.to_dict().items()
+             if value not in (None, False)]
+    return ", ".join(parts) or "no sandbox"
 
 
 def _seconds(text: str) -> float:

@@ -180,12 +180,41 @@ _SCHEMAS: dict[str, Schema] = {
             "message": {"type": "string"},
         },
     },
+    "Sandbox": {
+        "type": "object",
+        "description": "How the kernel confines the operation's task processes, as in effect.",
+        "required": ["privatePids", "privateNetwork", "user", "maxProcesses",
+                     "maxCpuSeconds", "maxOpenFiles"],
+        "properties": {
+            "privatePids": {"type": "boolean"},
+            "privateNetwork": {"type": "boolean"},
+            "user": {"type": ["string", "integer", "null"],
+                     "description": "A user name, a uid, \"dynamic\", or null (the server's)."},
+            "maxProcesses": {"type": ["integer", "null"]},
+            "maxCpuSeconds": {"type": ["number", "null"]},
+            "maxOpenFiles": {"type": ["integer", "null"]},
+        },
+        "additionalProperties": False,
+    },
+    "Operation": {
+        "type": "object",
+        "required": ["operation", "timeout", "maxMemory", "sandbox"],
+        "properties": {
+            "operation": {"type": "string"},
+            "timeout": {"type": ["number", "null"], "description": "Wall-clock seconds."},
+            "maxMemory": {"type": ["integer", "null"], "description": "Bytes of address space."},
+            "sandbox": {"$ref": "#/components/schemas/Sandbox"},
+        },
+        "additionalProperties": False,
+    },
     "Health": {
         "type": "object",
-        "required": ["status", "operations", "eventStreams"],
+        "required": ["status", "operations", "containment", "eventStreams"],
         "properties": {
             "status": {"const": "ok"},
             "operations": {"type": "array", "items": {"type": "string"}},
+            "containment": {"enum": ["pid-namespace", "subreaper"],
+                            "description": "How task trees are held by default."},
             "eventStreams": {"type": "integer", "minimum": 0,
                              "description": "Event streams open now."},
         },
@@ -285,9 +314,11 @@ def build_document(*, auth: bool) -> dict[str, Any]:
         f"{API_PREFIX}/operations": {
             "get": operation(
                 "listOperations",
-                "List the registered operations the caller may create tasks of (sorted).",
-                {"200": {"description": "Operation names, e.g. [\"HASH\", \"SLEEP\"].",
-                         "content": _json({"type": "array", "items": {"type": "string"}})}},
+                "List the registered operations the caller may create tasks of (sorted by "
+                "name), with their limits and sandbox as in effect.",
+                {"200": {"description": "The operations.",
+                         "content": _json({"type": "array", "items": {
+                             "$ref": "#/components/schemas/Operation"}})}},
                 ["401"]),
         },
         f"{API_PREFIX}/openapi.json": {

@@ -1,4 +1,4 @@
-"""``GET /api/v1/operations``: the operations the caller may create tasks of."""
+"""``GET /api/v1/operations``: the operations the caller may create tasks of, with their limits."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ class Operations:
         self._guard = guard
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Return the sorted names of the operations the caller may create tasks of."""
+        """Return ``[{"operation", "timeout", "maxMemory", "sandbox"}, ...]``, sorted by name,
+        for the operations the caller may create tasks of."""
         subject = self._guard.authenticate(req)
         operations = [
-            operation for operation in self._manager.registered_operations()
-            if self._guard.allows("create", subject, operation)
+            entry for entry in self._manager.operations()
+            if self._guard.allows("create", subject, entry["operation"])
         ]
         send_json(resp, operations)

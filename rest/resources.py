@@ -52,6 +52,13 @@ class TaskManager(Protocol):
     def registered_operations(self) -> list[str]:
         """Return the operations that have an animator, sorted."""
 
+    def operations(self) -> list[dict[str, Any]]:
+        """Return each registered operation with its limits, as ``GET /operations`` shows."""
+
+    @property
+    def containment(self) -> str:
+        """How task trees are held by default: ``"pid-namespace"`` or ``"subreaper"``."""
+
     def counts(self) -> dict[str, int]:
         """Return the number of tasks by state."""
 
@@ -194,9 +201,11 @@ class Health:
         self._open_streams = open_streams
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Return ``{"status": "ok", <state>: <count>, ..., "operations", "eventStreams"}``."""
+        """Return ``{"status": "ok", <state>: <count>, ..., "operations", "containment",
+        "eventStreams"}``."""
         body: dict[str, Any] = {"status": "ok"}
         body.update(self._manager.counts())
         body["operations"] = self._manager.registered_operations()
+        body["containment"] = self._manager.containment
         body["eventStreams"] = self._open_streams()
         send_json(resp, body)

@@ -22,6 +22,7 @@ from supervisor.errors import (
 )
 from supervisor.local import LocalBackend
 from supervisor.manager import Manager
+from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState, is_terminal
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Manager",
     "ManagerTerminated",
     "QueueFull",
+    "Sandbox",
     "TaskNotFound",
     "TaskState",
     "UnsupportedOperation",

@@ -11,7 +11,8 @@ on this machine; the default) and ``supervisor.dask_backend.DaskBackend``
 
     Manager (the Host)                      Backend
     ──────────────────                      ───────
-    dispatch ─── can_start() / start(launch) ──▶  runs the task's animator
+    register ─── prepare(registration) ─────────▶ import its module, fork ahead
+    dispatch ─── can_start(reg) / start(launch) ▶ runs the task's animator
     cancel_task ─── cancel(task_id) ────────────▶ tell, kill after cancel_grace
     task_message(task_id, Progress | ...) ◀─────  coalesced reports, in order
     task_finished(task_id, outcome) ◀───────────  exactly once per started task
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import abc
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from supervisor.protocol import Note, Progress, StateChanged
+from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState
 
 
@@ -42,6 +44,9 @@ class Registration:
     main_path: str | None
     timeout: float | None
     max_memory: int | None
+    #: as it applies on this machine (:meth:`~supervisor.sandbox.Sandbox.effective`)
+    sandbox: Sandbox = field(default_factory=lambda: Sandbox(private_pids=False))
+    module: str | None = None  #: the animator's module, unless it is ``__main__``
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Host(Protocol):
 
     max_workers: int
     cancel_grace: float
+    sandbox: Sandbox  #: the default of every operation, as in effect here
 
     def task_message(self, task_id: str, message: Report) -> str | None:
         """Apply one report of a running task; return what was wrong with it, if anything."""
@@ -108,16 +114,16 @@ class Backend(abc.ABC):
         """Tasks in flight when the manager's ``max_workers`` is not given (None: CPUs)."""
         return None
 
-    def preload(self, modules: tuple[str, ...]) -> None:  # noqa: B027 (optional hook)
-        """Animator modules were registered: import them ahead of the first task."""
+    def prepare(self, registration: Registration) -> None:  # noqa: B027 (optional hook)
+        """An operation was registered: get ready for its tasks (import its module)."""
 
     def unavailable(self) -> str | None:
         """Why new tasks cannot be run now (None: they can)."""
         return None
 
     @abc.abstractmethod
-    def can_start(self) -> bool:
-        """True when :meth:`start` would take a task now."""
+    def can_start(self, registration: Registration) -> bool:
+        """True when :meth:`start` would take a task of ``registration`` now."""
 
     @abc.abstractmethod
     def start(self, launch: Launch) -> bool:

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("housekeeping.children")
 
 DATA, EMPTY, EOF = "data", "empty", "eof"  #: what one read of a task pipe saw
+#: The namespaces a warm process is forked into: (private_pids, private_network).
+Shape = tuple[bool, bool]
 _STARTER_BOOT = (
     "import sys, json; sys.path[:] = json.loads(sys.argv[3]); "
     "from workers.starter import main; sys.exit(main())"
@@ -87,15 +89,18 @@ class StarterProcess:
         self.sock = ours
         self.pidfd = os.pidfd_open(self.popen.pid)
 
-    def spawn(self, token: int) -> socket.socket:
+    def spawn(self, token: int, private_pids: bool = False,
+              private_network: bool = False) -> socket.socket:
         """Ask for one warm process; return the parent's end of its pipe.
 
-        ``token`` comes back in a :class:`SpawnFailed` if the fork fails.
+        ``token`` comes back in a :class:`SpawnFailed` if the fork fails, and
+        in the :class:`Exited` of the process.
         """
         assert self.sock is not None
         parent_end, child_end = socket.socketpair()
+        request = Spawn(token, private_pids, private_network)
         try:
-            socket.send_fds(self.sock, [encode(Spawn(token))], [child_end.fileno()])
+            socket.send_fds(self.sock, [encode(request)], [child_end.fileno()])
         finally:
             child_end.close()
         # NOTE: never blocking, in both directions: a task process that stops
@@ -162,6 +167,9 @@ class ChildProcess:
         self.outbox = bytearray()  #: frames not yet taken by the pipe
         self.writing = False  #: the loop waits for the pipe to take :attr:`outbox`
         self.token = 0  #: names this process's Spawn request to the starter
+        self.shape: Shape = (False, False)  #: the namespaces it was forked into
+        self.dynamic_uid: int | None = None  #: taken from the pool for its task
+        self.max_cpu_seconds: float | None = None
         self.reading = True  #: False after EOF or a protocol error
         self.pid: int | None = None
         self.pidfd: int | None = None

@@ -37,7 +37,7 @@ from typing import Any
 
 import distributed
 
-from supervisor.backend import Backend, Host, Launch, Outcome
+from supervisor.backend import Backend, Host, Launch, Outcome, Registration
 from supervisor.protocol import (
     Note,
     Progress,
@@ -188,7 +188,7 @@ class DaskBackend(Backend):
     def unavailable(self) -> str | None:
         return self._unavailable
 
-    def can_start(self) -> bool:
+    def can_start(self, registration: Registration) -> bool:
         return self._unavailable is None and not self._submit_failed
 
     def start(self, launch: Launch) -> bool:
@@ -207,6 +207,7 @@ class DaskBackend(Backend):
             "animator": registration.pickled,
             "timeout": registration.timeout,
             "max_memory": registration.max_memory,
+            "sandbox": registration.sandbox.to_dict(),
             "cancel_grace": self.host.cancel_grace,
             "topic": self._topic,
             "cancel": remote.names[0],

@@ -1,4 +1,4 @@
-"""The few Linux process controls the supervisor needs, through prctl(2)."""
+"""The few Linux process controls the supervisor needs: prctl(2), namespaces, /proc."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import sys
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 M_MMAP_THRESHOLD = -3  #: mallopt(3)
 
 
@@ -25,6 +28,51 @@ def prctl(option: int, value: int) -> None:
     if libc.prctl(option, value, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
+
+
+def _check(result: int) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def unshare(flags: int) -> None:
+    """Call unshare(2) (``os.unshare`` arrives in Python 3.12)."""
+    _check(_libc().unshare(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Call setns(2) (``os.setns`` arrives in Python 3.12)."""
+    _check(_libc().setns(fd, nstype))
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in this (new) network namespace: SIOCSIFFLAGS with IFF_UP."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, siocgifflags, request))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+def host_pid() -> int:
+    """This process's pid as the supervisor sees it, even inside a PID namespace.
+
+    ``/proc`` is the host's (namespaces do not remount it), so ``NSpid:`` of
+    ``/proc/self/status`` lists the pid from the outermost namespace inwards.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.getpid()
 
 
 def return_large_blocks(threshold: int = 256 * 1024) -> bool:

@@ -22,13 +22,14 @@ import sys
 from collections import deque
 
 from supervisor import reaper
-from supervisor.backend import Backend, Host, Launch, Outcome
-from supervisor.children import DATA, EOF, ChildProcess, StarterProcess
+from supervisor.backend import Backend, Host, Launch, Outcome, Registration
+from supervisor.children import DATA, EOF, ChildProcess, Shape, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import describe_exit
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
 from supervisor.protocol import (
     Cancel,
+    Exited,
     Finished,
     Note,
     Pong,
@@ -39,6 +40,7 @@ from supervisor.protocol import (
     Start,
     StateChanged,
 )
+from supervisor.sandbox import DEFAULT_UID_RANGE, DYNAMIC, Sandbox, UidPool, resolve_user
 from supervisor.states import TaskState
 
 log = logging.getLogger("housekeeping.supervisor")
@@ -51,17 +53,21 @@ class LocalBackend(Backend):
         subreaper: make this process a child subreaper, so that even a daemon
             whose task process and starter were both killed from outside is
             re-parented here and killed. Off by default: it changes the host.
+        uid_range: the uids of ``Sandbox(user="dynamic")``, first and last.
     """
 
-    def __init__(self, *, subreaper: bool = False) -> None:
+    def __init__(self, *, subreaper: bool = False,
+                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE) -> None:
         self.subreaper = subreaper
+        self._uids = UidPool(*uid_range)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._running: dict[str, ChildProcess] = {}  # by task id
-        self._by_pid: dict[int, ChildProcess] = {}  # every child with a known pid
+        self._by_token: dict[int, ChildProcess] = {}  # every child the starter forked
         self._warm: deque[ChildProcess] = deque()
         self._spawning: set[ChildProcess] = set()
-        self._warm_target = CONSTS.warm_processes
+        self._warm_target = CONSTS.warm_processes  # per shape in use
+        self._shapes: set[Shape] = set()  # the namespaces of the registered sandboxes
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -82,6 +88,7 @@ class LocalBackend(Backend):
         self._host = host
         self._loop = asyncio.get_running_loop()
         self._warm_target = min(host.max_workers, CONSTS.warm_processes)
+        self._shapes.add(_shape(host.sandbox))
         self._start_starter()
         self._tick()
 
@@ -102,7 +109,15 @@ class LocalBackend(Backend):
             self._ping_after_preload()
         self._replenish()
 
-    def preload(self, modules: tuple[str, ...]) -> None:
+    def prepare(self, registration: Registration) -> None:
+        shape = _shape(registration.sandbox)
+        if shape not in self._shapes:
+            self._shapes.add(shape)
+            self._replenish()
+        if registration.module is not None:
+            self._preload((registration.module,))
+
+    def _preload(self, modules: tuple[str, ...]) -> None:
         modules = tuple(module for module in modules if module not in self._preloaded)
         if not modules:
             return
@@ -119,20 +134,24 @@ class LocalBackend(Backend):
         self._replenish()
 
     def _replenish(self) -> None:
-        """Keep ``_warm_target`` processes forked ahead of need."""
+        """Keep ``_warm_target`` processes of each shape in use forked ahead of need."""
         if self._stopping or self._starter.sock is None or self._spawn_paused:
             return  # no starter: _on_starter_died starts another, then replenishes
         loop = asyncio.get_running_loop()
-        while len(self._warm) + len(self._spawning) < self._warm_target:
-            token = next(self._tokens)
-            try:
-                sock = self._starter.spawn(token)
-            except OSError:
-                return  # the starter is gone; _on_starter_died restarts it
-            child = ChildProcess(sock)
-            child.token = token
-            self._spawning.add(child)
-            loop.add_reader(sock.fileno(), self._on_child_readable, child)
+        for shape in sorted(self._shapes):
+            ahead = sum(1 for c in self._warm if c.shape == shape)
+            ahead += sum(1 for c in self._spawning if c.shape == shape)
+            for _ in range(self._warm_target - ahead):
+                token = next(self._tokens)
+                try:
+                    sock = self._starter.spawn(token, *shape)
+                except OSError:
+                    return  # the starter is gone; _on_starter_died restarts it
+                child = ChildProcess(sock)
+                child.token, child.shape = token, shape
+                self._spawning.add(child)
+                self._by_token[token] = child
+                loop.add_reader(sock.fileno(), self._on_child_readable, child)
 
     def _on_spawn_failed(self, failed: SpawnFailed) -> None:
         """The starter could not fork: forget that process, retry after a back-off."""
@@ -153,24 +172,44 @@ class LocalBackend(Backend):
 
     # -- starting and running tasks -----------------------------------------
 
-    def can_start(self) -> bool:
-        return bool(self._warm)
+    def can_start(self, registration: Registration) -> bool:
+        if registration.sandbox.user == DYNAMIC and self._uids.in_use >= self._uids.size:
+            return False  # every uid of the range runs a task; one comes back with it
+        shape = _shape(registration.sandbox)
+        return any(child.shape == shape for child in self._warm)
 
     def start(self, launch: Launch) -> bool:
-        child = self._warm.popleft()
         registration = launch.registration
+        sandbox = registration.sandbox
+        shape = _shape(sandbox)
+        child = next(c for c in self._warm if c.shape == shape)
+        self._warm.remove(child)
+        uid = gid = None
+        if sandbox.user == DYNAMIC:
+            uid = gid = self._uids.take()
+        elif sandbox.user is not None:
+            uid, gid = resolve_user(sandbox.user)
         start = Start(
             task_json=launch.task_json,
             animator=registration.pickled,
             sys_path=tuple(sys.path),
             main_path=registration.main_path,
             max_memory=registration.max_memory,
+            uid=uid,
+            gid=gid,
+            max_processes=sandbox.max_processes,
+            max_cpu_seconds=sandbox.cpu_rlimit(),
+            max_open_files=sandbox.max_open_files,
+            no_new_privs=sandbox.confined,
         )
+        if sandbox.user == DYNAMIC:
+            child.dynamic_uid = uid
         if not self._send(child, start):
             self._discard(child)
             return False
         child.task_id = launch.task_id
         child.max_memory = registration.max_memory
+        child.max_cpu_seconds = sandbox.max_cpu_seconds
         self._running[launch.task_id] = child
         self._idle.clear()
         if registration.timeout is not None:
@@ -281,7 +320,6 @@ class LocalBackend(Backend):
         except OSError:
             self._discard(child)
             return
-        self._by_pid[ready.pid] = child
         asyncio.get_running_loop().add_reader(child.pidfd, self._on_child_exited, child)
         self._warm.append(child)
         self.host.backend_changed()
@@ -318,18 +356,29 @@ class LocalBackend(Backend):
         if isinstance(exited, SpawnFailed):
             self._on_spawn_failed(exited)
             return
-        child = self._by_pid.get(exited.pid)
-        if child is not None:
-            child.reaped = True
-            child.exitcode = exited.exitcode
-            self._maybe_finish(child)
+        self._on_exited(exited)
+
+    def _on_exited(self, exited: Exited) -> None:
+        child = self._by_token.get(exited.token)
+        if child is None:
+            return
+        if child.pid is None:
+            # NOTE: it died before it was ready (say, its namespace could not
+            # be set up): a failed fork as far as the back-off goes.
+            self._discard(child, replenish=False)
+            self._on_spawn_failed(SpawnFailed(
+                exited.token, f"the warm process exited with code {exited.exitcode} "
+                "before it was ready"))
+            return
+        child.reaped = True
+        child.exitcode = exited.exitcode
+        self._maybe_finish(child)
 
     def _maybe_finish(self, child: ChildProcess) -> None:
         """Finish once the process is gone (pidfd) and its tree is gone (starter)."""
         if not (child.exited and child.reaped):
             return
-        if child.pid is not None:
-            self._by_pid.pop(child.pid, None)
+        self._by_token.pop(child.token, None)
         if child.task_id is None:
             self._discard(child)
             return
@@ -343,6 +392,10 @@ class LocalBackend(Backend):
         if not self._running:
             self._idle.set()
         child.close()
+        if child.dynamic_uid is not None:
+            # NOTE: its tree is gone (the pidfd fired and the starter reaped it).
+            self._uids.give_back(child.dynamic_uid)
+            child.dynamic_uid = None
         self.host.task_finished(child.task_id, outcome)
 
     def _outcome(self, child: ChildProcess) -> Outcome:
@@ -365,9 +418,14 @@ class LocalBackend(Backend):
             return Outcome(state, notes, result, final.traceback)
         if child.forced is not None:
             return Outcome(child.forced[0], (child.forced[1],))
+        if child.max_cpu_seconds is not None and child.exitcode == -signal.SIGXCPU:
+            return Outcome(TaskState.FAILED,
+                           (f"CPU time limit exceeded ({child.max_cpu_seconds:g} s)",))
         hint = ""
         if child.max_memory and child.exitcode is not None and child.exitcode < 0:
             hint = f"possibly the max_memory limit of {child.max_memory} bytes"
+        elif child.max_cpu_seconds is not None and child.exitcode == -signal.SIGKILL:
+            hint = f"possibly the CPU time limit of {child.max_cpu_seconds:g} s"
         return Outcome(TaskState.FAILED, (describe_exit(child.pid or 0, child.exitcode, hint),))
 
     # -- cancel and kill -----------------------------------------------------
@@ -459,8 +517,10 @@ class LocalBackend(Backend):
             loop.remove_reader(child.sock.fileno())
         except (ValueError, OSError):
             pass
-        if child.pid is not None:
-            self._by_pid.pop(child.pid, None)
+        self._by_token.pop(child.token, None)
+        if child.dynamic_uid is not None:
+            self._uids.give_back(child.dynamic_uid)  # NOTE: it never ran a task
+            child.dynamic_uid = None
         child.close()
         if replenish:
             self._replenish()
@@ -634,7 +694,7 @@ class LocalBackend(Backend):
                     reaper.kill_tree(starter.pid)
             loop.remove_reader(starter.pidfd)
         starter.close()
-        for child in list(self._warm) + list(self._spawning) + list(self._by_pid.values()):
+        for child in list(self._warm) + list(self._spawning) + list(self._by_token.values()):
             for fd in (child.pidfd, child.sock.fileno()):
                 if fd is not None and fd >= 0:
                     try:
@@ -644,15 +704,20 @@ class LocalBackend(Backend):
             child.close()
         self._warm.clear()
         self._spawning.clear()
-        self._by_pid.clear()
+        self._by_token.clear()
         if self.subreaper:
             reaper.kill_adopted(exclude=set())
 
     def kill_everything(self) -> None:
         """Kill every task tree and the starter's tree."""
-        for child in list(self._by_pid.values()):
+        for child in list(self._by_token.values()):
             if child.pid is not None and not child.exited:
                 reaper.kill_tree(child.pid, timeout=1.0)
         if self._starter.pid is not None:
             reaper.kill_tree(self._starter.pid, timeout=1.0)
         self._starter.close()
+
+
+def _shape(sandbox: Sandbox) -> Shape:
+    """The namespaces a warm process of ``sandbox`` is forked into."""
+    return (bool(sandbox.private_pids), sandbox.private_network)

@@ -45,6 +45,7 @@ from supervisor.errors import (
 from supervisor.events import Callback, EventHub, RawCallback
 from supervisor.local import LocalBackend
 from supervisor.loop import LoopThread
+from supervisor.sandbox import DEFAULT_UID_RANGE, Sandbox, check_uid_range, containment
 from supervisor.snapshot import TaskSnapshot, encode_json
 from supervisor.states import TaskState
 from supervisor.supervision import Supervision
@@ -73,9 +74,17 @@ class Manager(Supervision):
         backend: where tasks run. Default: a :class:`~supervisor.local.LocalBackend`
             (a process per task on this machine). A
             ``supervisor.dask_backend.DaskBackend`` runs them on a Dask cluster.
+        sandbox: how the kernel confines the task processes of every operation
+            (``register_animator(sandbox=)`` overrides it per operation). The
+            default puts each task in a PID namespace of its own where the
+            kernel permits it.
+        uid_range: the uids ``Sandbox(user="dynamic")`` hands out, first and
+            last (default 61184-65519, systemd's DynamicUser range). For the
+            default local backend.
 
     Raises:
         ValueError: a limit is out of range.
+        InvalidAnimator: ``sandbox`` asks for what this machine cannot give.
     """
 
     def __init__(
@@ -87,6 +96,8 @@ class Manager(Supervision):
         *,
         subreaper: bool = False,
         backend: Backend | None = None,
+        sandbox: Sandbox | None = None,
+        uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
     ) -> None:
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
@@ -104,6 +115,14 @@ class Manager(Supervision):
             raise ValueError("max_queued must be an integer >= 0 or None")
         if not _is_number(cancel_grace) or cancel_grace < 0:
             raise ValueError("cancel_grace must be a number >= 0")
+        if sandbox is not None and not isinstance(sandbox, Sandbox):
+            raise TypeError(f"sandbox must be a supervisor.Sandbox, not {sandbox!r}")
+        uid_range = check_uid_range(uid_range)
+        self.sandbox = (sandbox or Sandbox()).effective()
+        if self.sandbox.private_pids is False and (sandbox is None
+                                                   or sandbox.private_pids is None):
+            log.warning("tasks run without a PID namespace (this process may not make "
+                        "one); task trees are held by a child subreaper")
         self.purge_delay = float(purge_delay)
         self.max_workers = max_workers
         self.max_queued = max_queued
@@ -120,7 +139,7 @@ class Manager(Supervision):
         self._terminating = False
         self._terminate_lock = threading.Lock()
         self._terminated = False
-        self._backend = backend or LocalBackend(subreaper=subreaper)
+        self._backend = backend or LocalBackend(subreaper=subreaper, uid_range=uid_range)
 
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
@@ -138,6 +157,8 @@ class Manager(Supervision):
         animator: Any,
         timeout: float | None = None,
         max_memory: int | None = None,
+        *,
+        sandbox: Sandbox | None = None,
     ) -> None:
         """Declare support for ``operation`` (replacing an earlier registration).
 
@@ -147,10 +168,14 @@ class Manager(Supervision):
                 picklable by reference (defined at module level).
             timeout: wall-clock seconds a task may run before it is killed (FAILED).
             max_memory: address-space limit of the task process, in bytes.
+            sandbox: how the kernel confines its task processes (default: the
+                manager's ``sandbox``).
 
         Raises:
             TypeError: ``animator`` is not an animator or cannot be sent to a child.
             ValueError: ``operation`` is empty or a limit is out of range.
+            InvalidAnimator: ``sandbox`` asks for what this machine cannot give
+                (the message names why).
         """
         if not isinstance(operation, str) or not operation:
             raise ValueError("operation must be a non-empty string")
@@ -165,6 +190,9 @@ class Manager(Supervision):
             not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0
         ):
             raise ValueError("max_memory must be a positive integer (bytes) or None")
+        if sandbox is not None and not isinstance(sandbox, Sandbox):
+            raise TypeError(f"sandbox must be a supervisor.Sandbox, not {sandbox!r}")
+        effective = self.sandbox if sandbox is None else sandbox.effective()
         try:
             pickled = pickle.dumps(animator, protocol=pickle.HIGHEST_PROTOCOL)
             pickle.loads(pickled)
@@ -177,17 +205,35 @@ class Manager(Supervision):
         main_path = None
         if module == "__main__":
             main_path = getattr(sys.modules["__main__"], "__file__", None)
-        registration = Registration(animator, pickled, main_path, timeout, max_memory)
+        registration = Registration(animator, pickled, main_path, timeout, max_memory,
+                                    effective, None if module == "__main__" else module)
         with self._lock:
             self._check_open()
             self._animators[operation] = registration
-        if module != "__main__":
-            self._loop_thread.call(self._backend.preload, (module,))
+        self._loop_thread.call(self._backend.prepare, registration)
 
     def registered_operations(self) -> list[str]:
         """The operations with an animator, sorted."""
         with self._lock:
             return sorted(self._animators)
+
+    def operations(self) -> list[dict[str, Any]]:
+        """Each registered operation with its limits as in effect, sorted by name.
+
+        Returns:
+            ``[{"operation", "timeout", "maxMemory", "sandbox": {"privatePids",
+            "privateNetwork", "user", "maxProcesses", "maxCpuSeconds",
+            "maxOpenFiles"}}, ...]`` (the form of ``GET /api/v1/operations``).
+        """
+        with self._lock:
+            registered = sorted(self._animators.items())
+        return [{"operation": name, "timeout": reg.timeout, "maxMemory": reg.max_memory,
+                 "sandbox": reg.sandbox.to_wire()} for name, reg in registered]
+
+    @property
+    def containment(self) -> str:
+        """How the default sandbox holds task trees: ``"pid-namespace"`` or ``"subreaper"``."""
+        return containment(self.sandbox)
 
     def run_task(self, create: dict[str, Any]) -> str:
         """Validate and queue a task; return its id at once.

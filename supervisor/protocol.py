@@ -90,6 +90,13 @@ class Start:
     sys_path: tuple[str, ...]  #: the parent's sys.path at hand-over
     main_path: str | None  #: the parent's main script, when the animator lives in it
     max_memory: int | None  #: RLIMIT_AS in bytes
+    #: the rest of the sandbox, applied by the task process before the animator runs
+    uid: int | None = None  #: setuid to this (with ``gid``, no supplementary groups)
+    gid: int | None = None
+    max_processes: int | None = None  #: RLIMIT_NPROC
+    max_cpu_seconds: int | None = None  #: RLIMIT_CPU (soft; the hard limit is one more)
+    max_open_files: int | None = None  #: RLIMIT_NOFILE
+    no_new_privs: bool = False  #: PR_SET_NO_NEW_PRIVS
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,9 @@ class Finished:
 class Spawn:
     """Fork one warm process on the pipe end passed alongside (SCM_RIGHTS)."""
 
-    token: int = 0  #: named again by :class:`SpawnFailed` if the fork fails
+    token: int = 0  #: named again by :class:`SpawnFailed` and :class:`Exited`
+    private_pids: bool = False  #: fork it behind an init of a new PID namespace
+    private_network: bool = False  #: ...with a network namespace of its own
 
 
 @dataclass(frozen=True)
@@ -192,8 +201,9 @@ class Exited:
     ``exitcode`` follows :attr:`multiprocessing.Process.exitcode`: negative is a signal.
     """
 
-    pid: int
-    exitcode: int
+    pid: int  #: the starter's child: the task process, or the init in front of it
+    exitcode: int  #: the task process's (an init passes its task process's on)
+    token: int = 0  #: the :class:`Spawn` it came from
 
 
 _CLASSES: dict[str, type] = {

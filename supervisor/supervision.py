@@ -29,6 +29,7 @@ from supervisor.protocol import (
     check_timestamp,
     clean_text,
 )
+from supervisor.sandbox import Sandbox
 from supervisor.snapshot import ChangeEvent
 from supervisor.states import TaskState
 from supervisor.table import TaskTable
@@ -61,6 +62,7 @@ class Supervision:
     max_workers: int
     purge_delay: float
     cancel_grace: float
+    sandbox: Sandbox
     _lock: threading.Lock
     _table: TaskTable
     _events: EventHub
@@ -104,8 +106,11 @@ class Supervision:
             return
         while True:
             with self._lock:
-                if not (self._queue and len(self._running) < self.max_workers
-                        and self._backend.can_start()):
+                if not (self._queue and len(self._running) < self.max_workers):
+                    return
+                head = self._table.get(self._queue[0])
+                assert head is not None
+                if not self._backend.can_start(head.registration):
                     return
                 # NOTE: claimed (out of the queue, in _running) before the lock is
                 # released: a cancel meanwhile takes the running path and reaches

@@ -32,7 +32,7 @@ def _args(ops: Any) -> dict[str, Any]:
 
 def _ready(ops: Any, **extra: Any) -> None:
     """Tell the test that the task is set up, with its pid, parent pid and ``extra``."""
-    info = {"pid": os.getpid(), "ppid": os.getppid(), **extra}
+    info = {"pid": host_pid(), "ppid": starter_pid(), **extra}
     ops.message("ready " + json.dumps(info))
 
 
@@ -326,18 +326,49 @@ def _fork_sleeper() -> int:
     return pid
 
 
-def host_pid(pid: int | str = "self") -> int:
-    """The pid of a process in the outermost (host) PID namespace.
-
-    ``os.getpid()`` is the pid in the process's own namespace (1 for a task
-    that is PID 1 of a namespace of its own); the first field of ``NSpid:``
-    in ``/proc/<pid>/status`` is the host's, which is what a test sees.
-    """
+def _status(pid: int | str = "self") -> dict[str, list[str]]:
+    """The fields of ``/proc/<pid>/status`` (``/proc`` is the host's: host pids)."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no NSpid line in /proc/{pid}/status")
+        return {key: value.split() for key, _, value in
+                (line.partition(":") for line in f)}
+
+
+def host_pid() -> int:
+    """This process's pid in the outermost (host) PID namespace.
+
+    ``os.getpid()`` is the pid in the process's own namespace (2 for a task
+    in a PID namespace of its own); the first field of ``NSpid:`` in
+    ``/proc/self/status`` is the host's, which is what a test sees.
+    """
+    return int(_status()["NSpid"][0])
+
+
+def in_pid_namespace() -> bool:
+    """True when this process is in a PID namespace below the host's."""
+    return len(_status()["NSpid"]) > 1
+
+
+def starter_pid() -> int:
+    """The host pid of the starter: the parent, or in a PID namespace the init's parent.
+
+    NOTE: ``PPid:`` of ``/proc/<pid>/status`` is given in the host's view.
+    """
+    parent = int(_status()["PPid"][0])
+    if in_pid_namespace():
+        parent = int(_status(parent)["PPid"][0])
+    return parent
+
+
+def host_child_pid(pid: int) -> int:
+    """The host pid of a child that ``os.fork()`` returned as ``pid``."""
+    if not in_pid_namespace():
+        return pid
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            for child in f.read().split():  # host pids
+                if int(_status(child)["NSpid"][-1]) == pid:
+                    return int(child)
+    raise RuntimeError(f"no child {pid}")
 
 
 def _double_fork_daemon(pidfile: str, lifetime: float = _FOREVER) -> int:
@@ -391,7 +422,7 @@ class Forker(Animator):
 
         popen = subprocess.Popen(["sleep", "3600"])
         forked = _fork_sleeper()
-        _ready(ops, children=[popen.pid, forked])
+        _ready(ops, children=[host_child_pid(popen.pid), host_child_pid(forked)])
         return _then(ops, _args(ops).get("mode", "wait"))
 
 

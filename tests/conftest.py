@@ -25,6 +25,10 @@ TIMEOUT = 30.0
 #: How long the leak check retries before it calls a process leaked.
 LEAK_GRACE = 5.0
 
+#: ``HOUSEKEEPING_TEST_PRIVATE_PIDS=off`` runs the tests' managers and servers without
+#: PID namespaces (tox runs the fault matrix and the hostile tests both ways).
+PRIVATE_PIDS_OFF = os.environ.get("HOUSEKEEPING_TEST_PRIVATE_PIDS") == "off"
+
 
 def wait_for(
     predicate: Callable[[], Any],
@@ -276,6 +280,10 @@ def manager() -> Iterator[Callable[..., Any]]:
     def make(**kwargs: Any) -> Manager:
         kwargs.setdefault("cancel_grace", 0.5)
         kwargs.setdefault("purge_delay", 60.0)
+        if PRIVATE_PIDS_OFF and kwargs.get("backend") is None:
+            from supervisor import Sandbox
+
+            kwargs.setdefault("sandbox", Sandbox(private_pids=False))
         instance = Manager(**kwargs)
         made.append(instance)
         return instance

@@ -22,6 +22,7 @@ from supervisor import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.sandbox import Sandbox
 from supervisor.snapshot import DROPPED, ChangeEvent, TaskSnapshot
 
 Event = dict[str, Any]
@@ -160,6 +161,14 @@ class FakeManager:
 
     def registered_operations(self) -> list[str]:
         return sorted(self.validators)
+
+    def operations(self) -> list[dict[str, Any]]:
+        unconfined = Sandbox(private_pids=False).to_wire()
+        return [{"operation": name, "timeout": None, "maxMemory": None, "sandbox": unconfined}
+                for name in self.registered_operations()]
+
+    #: as ``Manager.containment`` says it
+    containment = "subreaper"
 
     def counts(self) -> dict[str, int]:
         self._maybe_break("counts")

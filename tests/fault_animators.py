@@ -36,7 +36,7 @@ _LINGER = 10.0  # bounded, so that a fault the supervisor missed fails fast
 
 def announce(ops: Any, **extra: Any) -> None:
     """Send ``ready {json}`` with the task process's pid and parent pid."""
-    info = {"pid": os.getpid(), "ppid": os.getppid(), **extra}
+    info = {"pid": animators.host_pid(), "ppid": animators.starter_pid(), **extra}
     ops.message("ready " + json.dumps(info))
 
 
@@ -137,7 +137,7 @@ class Garbage(Animator):
 
     def execute(self, ops: Any) -> Any:
         args = _args(ops)
-        info = {"pid": os.getpid(), "ppid": os.getppid()}
+        info = {"pid": animators.host_pid(), "ppid": animators.starter_pid()}
         with open(args["infofile"], "w") as f:
             json.dump(info, f)
         note = _frame(Note("ready " + json.dumps(info)))

@@ -27,6 +27,8 @@ import signal
 import time
 from typing import Any
 
+from animators import host_pid
+
 from supervisor import Animator, InvalidArguments, TaskState
 
 #: The longest any of these animators waits for something (seconds).
@@ -74,7 +76,7 @@ class LoadQuick(Animator):
     """Return the task process's pid at once."""
 
     def execute(self, ops: Any) -> Any:
-        return {"pid": os.getpid()}
+        return {"pid": host_pid()}
 
 
 class LoadSlow(Animator):
@@ -119,7 +121,7 @@ def register(manager: Any) -> None:
 
 
 def _report_pid(ops: Any) -> None:
-    pid = os.getpid()
+    pid = host_pid()  # NOTE: the host's view: in a PID namespace getpid() is 2
     ops.message(f"pid {pid} {proc_starttime(pid)}")
 
 

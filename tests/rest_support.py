@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import psutil
 import requests
-from conftest import TIMEOUT
+from conftest import PRIVATE_PIDS_OFF, TIMEOUT
 from fakes import FakeManager
 from falcon import testing
 
@@ -59,6 +59,8 @@ class LiveServer:
 
     def __init__(self, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
         self.args = ["--port", "0", "--cancel-grace", "1", *args]
+        if PRIVATE_PIDS_OFF:
+            self.args.append("--no-private-pids")
         self.cwd = cwd
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = tempfile.TemporaryFile()

@@ -48,9 +48,10 @@ def _accepted(m: Any, create: dict[str, Any]) -> str | None:
         return None
 
 
-def _worker_of(task_pid: int) -> psutil.Process:
-    """The Dask worker process that runs a task process (task → starter → worker)."""
-    return psutil.Process(task_pid).parent().parent()
+def _worker_of(info: dict[str, Any]) -> psutil.Process:
+    """The Dask worker process that runs a task process (task → starter → worker; the
+    ready message's ``ppid`` is the starter, also when an init is in between)."""
+    return psutil.Process(info["ppid"]).parent()
 
 
 def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
@@ -62,7 +63,7 @@ def test_worker_killed_mid_task_fails_naming_it_and_is_not_rerun(
     runs = tmp_path / "runs"
     task_id = m.run_task({"operation": "COUNT", "args": {"file": str(runs)}})
     info = wait_ready(m, task_id)
-    worker = _worker_of(info["pid"])
+    worker = _worker_of(info)
     assert "spawn_main" in " ".join(worker.cmdline())  # a LocalCluster worker process
     worker.send_signal(signal.SIGKILL)
     task = wait_terminal(m, task_id)
@@ -94,7 +95,7 @@ def test_an_animator_that_opts_in_is_run_again_after_its_worker_died(
     runs = tmp_path / "runs"
     task_id = m.run_task({"operation": "RERUN", "args": {"file": str(runs)}})
     info = wait_ready(m, task_id)
-    _worker_of(info["pid"]).send_signal(signal.SIGKILL)
+    _worker_of(info).send_signal(signal.SIGKILL)
     task = wait_terminal(m, task_id, timeout=60)
     assert task["state"] == "SUCCEEDED", message_texts(task)
     assert task["result"] == {"runs": 2}
@@ -341,3 +342,24 @@ def test_serve_with_an_unreachable_scheduler_exits_with_its_code() -> None:
     )
     assert done.returncode == RET_DASK, done.stderr
     assert "cannot reach the scheduler" in done.stderr
+
+
+def test_the_sandbox_applies_on_the_workers(manager: Any, dask_cluster: str) -> None:
+    """The operation's sandbox goes with the task: on the worker, the task process is in
+    a PID namespace of its own, as a dynamic user, and the operation shows it."""
+    import containment_animators
+
+    from supervisor import Sandbox
+    from supervisor.sandbox import pid_namespaces_permitted
+
+    if not pid_namespaces_permitted() or os.geteuid() != 0:
+        pytest.skip("needs root with CAP_SYS_ADMIN (PID namespaces, dynamic users)")
+    m = manager(backend=DaskBackend(dask_cluster), max_workers=2)
+    m.register_animator("ID", containment_animators.Identity(),
+                        sandbox=Sandbox(private_pids=True, user="dynamic"))
+    assert m.operations()[0]["sandbox"]["privatePids"] is True
+    task = wait_terminal(m, m.run_task({"operation": "ID"}))
+    assert task["state"] == "SUCCEEDED", message_texts(task)
+    seen = task["result"]
+    assert len(seen["nspid"]) == 2 and seen["pid"] >= 2, seen
+    assert 61184 <= seen["uid"] <= 65519 and seen["groups"] == [], seen

@@ -32,6 +32,7 @@ import fault_animators
 import psutil
 import pytest
 from conftest import (
+    PRIVATE_PIDS_OFF,
     TERMINAL,
     TIMEOUT,
     EventLog,
@@ -387,9 +388,10 @@ EMBEDDING_SCRIPT = """
 import json, sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 import animators, fault_animators, psutil
-from supervisor import Manager
+from supervisor import Manager, Sandbox
 
-m = Manager(cancel_grace={grace!r}, max_workers=4)
+m = Manager(cancel_grace={grace!r}, max_workers=4,
+            sandbox=Sandbox(private_pids=False) if {pids_off!r} else None)
 fault_animators.register(m)
 ids = [m.run_task(create) for create in json.loads({running!r})]
 deadline = time.monotonic() + 30
@@ -452,7 +454,7 @@ def test_embedding_process_killed_leaves_nothing(tmp_path: Path, sig: int) -> No
     script = tmp_path / "embed.py"
     script.write_text(textwrap.dedent(EMBEDDING_SCRIPT.format(
         tests=str(TESTS_DIR), root=str(ROOT), grace=CANCEL_GRACE,
-        running=json.dumps(running_tasks(tmp_path)),
+        running=json.dumps(running_tasks(tmp_path)), pids_off=PRIVATE_PIDS_OFF,
     )))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     procs: list[psutil.Process] = []
@@ -504,3 +506,14 @@ def test_server_killed_leaves_nothing(tmp_path: Path, sig: int) -> None:
     finally:
         kill_all(procs)
         live.close()
+
+
+def test_the_matrix_runs_with_the_containment_asked_for(manager: Any) -> None:
+    """The matrix runs twice in tox: in PID namespaces (the default as root) and
+    without (HOUSEKEEPING_TEST_PRIVATE_PIDS=off); this says which one ran."""
+    from supervisor.sandbox import pid_namespaces_permitted
+
+    m = manager()
+    expected = ("pid-namespace" if pid_namespaces_permitted() and not PRIVATE_PIDS_OFF
+                else "subreaper")
+    assert m.containment == expected

@@ -23,13 +23,15 @@ def test_lists_every_registered_operation_sorted_without_auth() -> None:
     client, _ = make_client(manager)
     result = client.simulate_get(OPERATIONS)
     assert result.status_code == 200
-    assert result.json == ["COPY", "ZIP"]
+    assert [entry["operation"] for entry in result.json] == ["COPY", "ZIP"]
+    assert set(result.json[0]) == {"operation", "timeout", "maxMemory", "sandbox"}
 
 
 def test_lists_only_what_the_caller_may_create() -> None:
     client, _ = make_client(access_control=_control())
     answers = {
-        name: client.simulate_get(OPERATIONS, headers=bearer(name)).json
+        name: [entry["operation"] for entry in
+               client.simulate_get(OPERATIONS, headers=bearer(name)).json]
         for name in ("ops", "sleeper", "viewer")
     }
     assert answers == {"ops": ["HASH", "SLEEP"], "sleeper": ["SLEEP"], "viewer": []}
@@ -56,3 +58,41 @@ def test_answers_match_the_openapi_document() -> None:
     for headers in (bearer("sleeper"), {}):
         result = client.simulate_get(OPERATIONS, headers=headers)
         checker.check(OPERATIONS, "GET", result.status_code, result.headers, result.json)
+
+
+def test_a_real_server_shows_each_operations_sandbox_and_its_containment() -> None:
+    """``housekeeping serve --run-as dynamic --max-processes 50 --max-cpu-seconds 30``:
+    the flags are the default sandbox of every operation; /healthz names the containment."""
+    import os
+
+    from conftest import PRIVATE_PIDS_OFF
+    from rest_support import LiveServer
+
+    from supervisor.sandbox import pid_namespaces_permitted
+
+    if os.geteuid() != 0:
+        return _refused_without_root()
+    flags = ["--run-as", "dynamic", "--max-processes", "50", "--max-cpu-seconds", "30",
+             "--max-open-files", "256", "--private-network"]
+    if not pid_namespaces_permitted():
+        flags.remove("--private-network")
+    server = LiveServer(*flags).start()
+    try:
+        private = pid_namespaces_permitted() and not PRIVATE_PIDS_OFF
+        operations = server.get(OPERATIONS).json()
+        assert [entry["operation"] for entry in operations] == ["HASH", "SLEEP"]
+        assert operations[0]["sandbox"] == {
+            "privatePids": private, "privateNetwork": pid_namespaces_permitted(),
+            "user": "dynamic", "maxProcesses": 50, "maxCpuSeconds": 30.0, "maxOpenFiles": 256}
+        health = server.get("/healthz").json()
+        assert health["containment"] == ("pid-namespace" if private else "subreaper")
+        assert "containment: " + health["containment"] in server.log()
+    finally:
+        server.stop()
+
+
+def _refused_without_root() -> None:
+    from rest_support import LiveServer
+
+    code, _, err = LiveServer("--run-as", "dynamic").run_to_exit()
+    assert code == 2 and "must run as root" in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import encodings.idna  # noqa: F401 (see NOTE below)
 import inspect
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import uvloop  # imported here, in the starter, so that forks inherit it
 
-from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
+from supervisor.linux import PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, host_pid, prctl
 from supervisor.protocol import (
     MAX_JSON_DEPTH,
     MAX_RESULT_BYTES,
@@ -41,6 +42,11 @@ from workers.ops import TaskEnded, TaskOps
 EXIT_OK = 0  # the final report was sent
 EXIT_NO_TASK = 0  # the parent closed the pipe before handing over a task
 EXIT_BAD_START = 70  # the Start message could not be read
+
+# NOTE: a task running as another user (Sandbox.user) may not be able to read
+# the interpreter's own library (it may live under a private home), so what
+# the stdlib imports lazily on common paths is imported here, in the starter:
+# encodings.idna by socket.getaddrinfo (else "LookupError: unknown encoding").
 
 
 class Terminated(BaseException):
@@ -62,7 +68,8 @@ def run_warm_process(fd: int) -> int:
     os.set_inheritable(fd, False)
     conn = Connection(fd)
     try:
-        conn.send_bytes(encode(Ready(os.getpid())))
+        # NOTE: the host's view of the pid: in a PID namespace getpid() is 2.
+        conn.send_bytes(encode(Ready(host_pid())))
         data = conn.recv_bytes()
     except (EOFError, OSError, Terminated):
         return EXIT_NO_TASK
@@ -98,7 +105,37 @@ def _prepare(start: Start) -> Any:
         import_main_path(start.main_path)
     if start.max_memory:
         resource.setrlimit(resource.RLIMIT_AS, (start.max_memory, start.max_memory))
-    return pickle.loads(start.animator)
+    animator = pickle.loads(start.animator)
+    _confine(start)  # NOTE: after the imports: the new user may not read them
+    return animator
+
+
+class SandboxError(Exception):
+    """The sandbox could not be applied; the animator does not run."""
+
+
+def _confine(start: Start) -> None:
+    """Apply the rlimits, no_new_privs and the user of the task's sandbox, in that order."""
+    try:
+        if start.max_open_files is not None:
+            limit = start.max_open_files
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        if start.max_cpu_seconds is not None:
+            # NOTE: SIGXCPU at the soft limit, SIGKILL a second later if it is caught.
+            cpu = start.max_cpu_seconds
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        if start.max_processes is not None:
+            limit = start.max_processes
+            resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        if start.no_new_privs:
+            prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if start.uid is not None:
+            gid = start.gid if start.gid is not None else start.uid
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(start.uid, start.uid, start.uid)
+    except OSError as exc:
+        raise SandboxError(f"the sandbox could not be applied: {exc}") from exc
 
 
 def _execute(start: Start, ops: TaskOps) -> Finished:

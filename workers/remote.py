@@ -38,6 +38,7 @@ from typing import Any
 from supervisor.errors import TaskNotFound
 from supervisor.local import LocalBackend
 from supervisor.manager import Manager
+from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState, is_terminal
 
 log = logging.getLogger("housekeeping.remote")
@@ -201,7 +202,8 @@ class _Local:
                 self._forwarders[local_id] = forwarder
             try:
                 self.manager.register_animator(
-                    spec["operation"], animator, spec["timeout"], spec["max_memory"]
+                    spec["operation"], animator, spec["timeout"], spec["max_memory"],
+                    sandbox=Sandbox(**spec["sandbox"]),
                 )
                 created = self.manager._create_task(spec["create"], local_id)
             except BaseException:

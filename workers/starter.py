@@ -7,7 +7,10 @@ processes over a ``SOCK_SEQPACKET`` socket, passing each one's pipe end with
 ``SCM_RIGHTS``. The starter:
 
 * forks warm processes on request (``Spawn``) after ``gc.freeze()``, with the
-  animator modules already imported (``Preload``);
+  animator modules already imported (``Preload``); with ``private_pids`` the
+  warm process is forked by the init of a PID namespace of its own
+  (``workers.pid1``), which the starter forks once and reuses for one task
+  after another (its own later forks stay in its namespace: ``setns`` back);
 * is a child subreaper: when a task process dies, whatever it left behind is
   re-parented here, and since every direct child of the starter is known,
   any other child is such an orphan and is killed at once, before the
@@ -25,13 +28,19 @@ import selectors
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 
 from supervisor.linux import (
+    CLONE_NEWNET,
+    CLONE_NEWPID,
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
     children_of,
     descendants_of,
+    loopback_up,
     prctl,
+    setns,
+    unshare,
 )
 from supervisor.protocol import (
     Exited,
@@ -46,6 +55,7 @@ from supervisor.protocol import (
     encode,
 )
 from workers.child import run_warm_process
+from workers.pid1 import run_init
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
 EXIT_ORPHANED = 3  # the supervisor was already gone when the starter came up
@@ -65,39 +75,168 @@ class ParentGone(Exception):
     """The supervisor closed its end of the socket: time to clean up and go."""
 
 
+@dataclass
+class _Known:
+    """A direct child of the starter: a warm (or task) process, or a namespace's init."""
+
+    token: int  #: the Spawn it serves (for an init: its task process now; 0 when idle)
+    init: socket.socket | None = None  #: an init's control socket
+    private_network: bool = False  #: an init's namespace has a network of its own
+    generation: int = 0  #: the Preloads the starter had made when it forked this init
+
+
 class Starter:
     """The starter's state: its socket, its known children, its reaping."""
 
     def __init__(self, sock: socket.socket, private_fds: tuple[int, ...] = ()) -> None:
         self.sock = sock
         self.private_fds = private_fds  #: closed in every forked child
-        self.known: set[int] = set()
+        self.known: dict[int, _Known] = {}
         self.exits: list[Exited] = []
+        self.selector: selectors.BaseSelector | None = None  #: watches the inits' sockets
+        self._own_pid_namespace: int | None = None
+        self._generation = 0  #: Preloads so far: an init forked before one lacks its modules
 
-    def spawn(self, fd: int, token: int = 0) -> None:
+    def spawn(self, request: Spawn, fd: int) -> None:
         """Fork one warm process on pipe end ``fd``; report a failed fork, never die of it."""
+        if request.private_pids:
+            try:
+                self._spawn_in_namespace(request, fd)
+            except OSError as exc:
+                self.send(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}"))
+            finally:
+                os.close(fd)
+            return
         try:
             pid = os.fork()
         except OSError as exc:
             # NOTE: EAGAIN or ENOMEM (a task may exhaust the process limit); the
             # parent retries with back-off, and the tasks running now go on.
             os.close(fd)
-            self.send(SpawnFailed(token, f"{type(exc).__name__}: {exc}"))
+            self.send(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}"))
             return
         if pid == 0:
             code = 70
             try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_DFL)
-                self.sock.close()
-                for private in self.private_fds:
-                    os.close(private)
+                self._become_child()
+                if request.private_network:
+                    unshare(CLONE_NEWNET)
+                    loopback_up()
                 code = run_warm_process(fd)
             finally:
                 os._exit(code)
         os.close(fd)
-        self.known.add(pid)
+        self.known[pid] = _Known(request.token)
+
+    def _spawn_in_namespace(self, request: Spawn, fd: int) -> None:
+        """Hand ``fd`` to an idle init of the right kind (made now if there is none).
+
+        NOTE: an init is PID 1 of a namespace that outlives its tasks: it forks
+        one warm process at a time and empties the namespace after each, so
+        that no namespace is made (or torn down) per task.
+        """
+        pid = next((pid for pid, known in self.known.items()
+                    if known.init is not None and known.token == 0
+                    and known.private_network == request.private_network
+                    and known.generation == self._generation), None)
+        if pid is None:
+            pid = self._new_init(request.private_network, fd)
+        known = self.known[pid]
+        assert known.init is not None
+        socket.send_fds(known.init, [encode(Spawn(request.token))], [fd])
+        known.token = request.token
+
+    def _new_init(self, private_network: bool, pending: int) -> int:
+        """Fork the init of a new PID namespace; return its pid (``pending``: an fd the
+        init must not keep; it gets its own copy with its first Spawn)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if self._own_pid_namespace is None:
+                self._own_pid_namespace = os.open("/proc/self/ns/pid",
+                                                  os.O_RDONLY | os.O_CLOEXEC)
+            unshare(CLONE_NEWPID)  # NOTE: only the next fork enters it (as its PID 1)
+            try:
+                pid = os.fork()
+            except OSError:
+                setns(self._own_pid_namespace, CLONE_NEWPID)
+                raise
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            code = 70
+            try:
+                self._become_child()
+                ours.close()
+                os.close(pending)
+                code = run_init(theirs, private_network)
+            finally:
+                os._exit(code)
+        # NOTE: never in the child: it cannot go back, and must not.
+        setns(self._own_pid_namespace, CLONE_NEWPID)
+        theirs.close()
+        self.known[pid] = _Known(0, ours, private_network, self._generation)
+        if self.selector is not None:
+            self.selector.register(ours, selectors.EVENT_READ, pid)
+        return pid
+
+    def _become_child(self) -> None:
+        """In a forked child: drop the starter's signal handling and descriptors."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        self.sock.close()
+        for private in self.private_fds:
+            os.close(private)
+        for known in self.known.values():
+            if known.init is not None:
+                known.init.close()
+        if self._own_pid_namespace is not None:
+            os.close(self._own_pid_namespace)
+
+    def on_init_report(self, pid: int) -> None:
+        """An init's task process and its namespace are gone: report it, mark it idle."""
+        known = self.known.get(pid)
+        if known is None or known.init is None:
+            return
+        message: object = None
+        try:
+            data = known.init.recv(1 << 12)
+            if data:
+                message = decode(data)
+        except OSError:
+            data = b""
+        except ProtocolError:
+            pass
+        if not data:
+            self._forget_init(known)  # NOTE: it is exiting; reap() reports it
+            return
+        # NOTE: only for the task it runs (a task may not speak for another).
+        if isinstance(message, Exited) and known.token and message.token == known.token:
+            known.token = 0
+            if known.generation != self._generation:
+                self._forget_init(known)  # NOTE: EOF tells it to exit
+            self.send(Exited(pid, message.exitcode, message.token))
+
+    def retire_inits(self) -> None:
+        """After a Preload: idle inits exit now, busy ones after their task (they would
+        fork task processes without the new modules, importing them at every task)."""
+        self._generation += 1
+        for known in self.known.values():
+            if known.init is not None and known.token == 0:
+                self._forget_init(known)
+
+    def _forget_init(self, known: _Known) -> None:
+        if known.init is None:
+            return
+        if self.selector is not None:
+            try:
+                self.selector.unregister(known.init)
+            except (KeyError, ValueError):
+                pass
+        known.init.close()
+        known.init = None
 
     def reap(self) -> None:
         """Reap every child that exited; kill the orphans of task processes."""
@@ -109,9 +248,11 @@ class Starter:
                 break
             if pid == 0:
                 break
-            if pid in self.known:
-                self.known.discard(pid)
-                self.exits.append(Exited(pid, _exitcode(status)))
+            known = self.known.pop(pid, None)
+            if known is not None:
+                self._forget_init(known)
+                if known.token:  # NOTE: an idle init has no task to report
+                    self.exits.append(Exited(pid, _exitcode(status), known.token))
                 reaped_known = True
         if reaped_known:
             self.kill_orphans()
@@ -148,6 +289,8 @@ class Starter:
             _kill(below)
             for pid in children_of(me):
                 self._wait(pid)
+        for known in self.known.values():
+            self._forget_init(known)
         self.known.clear()
 
     def _wait(self, pid: int) -> None:
@@ -180,15 +323,18 @@ def serve(sock: socket.socket, parent: int) -> int:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    starter.selector = selector
     try:
         while not stopping:
             for key, _ in selector.select():
                 if key.fileobj is sock:
                     if not _handle_request(starter, sock):
                         return EXIT_OK
-                else:
+                elif key.fileobj == wake_r:
                     os.read(wake_r, 4096)
                     starter.reap()
+                else:
+                    starter.on_init_report(key.data)
         return EXIT_OK
     except ParentGone:
         return EXIT_OK
@@ -210,7 +356,7 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
         message = None  # the parent is ours; nothing else can write here
     if isinstance(message, Spawn):
         for fd in fds:
-            starter.spawn(fd, message.token)
+            starter.spawn(message, fd)
     else:
         for fd in fds:
             os.close(fd)
@@ -228,6 +374,7 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
         # that forks do not copy pages when a collection touches them.
         gc.collect()
         gc.freeze()
+        starter.retire_inits()
     elif isinstance(message, Stop):
         return False
     return True

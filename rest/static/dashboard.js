@@ -350,7 +350,8 @@
     let operations = [];
     try { operations = await api("GET", API + "/operations"); } catch (_) { operations = []; }
     select.replaceChildren();
-    for (const operation of Array.isArray(operations) ? operations : []) {
+    for (const entry of Array.isArray(operations) ? operations : []) {
+      const operation = entry && typeof entry === "object" ? entry.operation : entry;
       const option = document.createElement("option");
       option.value = String(operation);
       option.textContent = String(operation);
