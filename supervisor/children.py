@@ -173,6 +173,7 @@ class ChildProcess:
         self.reading = True  #: False after EOF or a protocol error
         self.pid: int | None = None
         self.pidfd: int | None = None
+        self.init_pidfd: int | None = None  #: of the init in front of it, in a PID namespace
         self.task_id: str | None = None
         self.final: Finished | None = None  #: the child's final report, if any
         self.forced: tuple[TaskState, str] | None = None  #: outcome chosen by a kill
@@ -263,6 +264,7 @@ class ChildProcess:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_writer(self.sock.fileno())
         self.sock.close()
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+        for fd in (self.pidfd, self.init_pidfd):
+            if fd is not None:
+                os.close(fd)
+        self.pidfd = self.init_pidfd = None

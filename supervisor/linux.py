@@ -10,6 +10,8 @@ import sys
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 M_MMAP_THRESHOLD = -3  #: mallopt(3)
@@ -46,6 +48,27 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc().setns(fd, nstype))
 
 
+def drop_capabilities() -> None:
+    """Empty the capability bounding set, then the effective, permitted and inheritable
+    sets: root without them cannot ptrace, read other processes' memory, enter
+    namespaces or raise limits, and no exec gives them back.
+
+    NOTE: the bounding set first (dropping it needs CAP_SETPCAP); a setuid to
+    another user, if any, belongs between the two (it needs CAP_SETUID).
+    """
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+
+
+def clear_capabilities() -> None:
+    """capset(2) to nothing: the second half of :func:`drop_capabilities`."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all 0
+    _check(_libc().capset(header, data))
+
+
 def loopback_up() -> None:
     """Bring ``lo`` up in this (new) network namespace: SIOCSIFFLAGS with IFF_UP."""
     import fcntl
@@ -59,20 +82,24 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
 
 
-def host_pid() -> int:
-    """This process's pid as the supervisor sees it, even inside a PID namespace.
+def host_pids() -> tuple[int, int]:
+    """This process's pid as the supervisor sees it, even inside a PID namespace, and
+    the host pid of its init when it is in one (else 0).
 
     ``/proc`` is the host's (namespaces do not remount it), so ``NSpid:`` of
-    ``/proc/self/status`` lists the pid from the outermost namespace inwards.
+    ``/proc/self/status`` lists the pid from the outermost namespace inwards,
+    and ``PPid:`` is the parent's host pid.
     """
+    fields: dict[str, list[str]] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.getpid()
+                key, _, value = line.partition(":")
+                fields[key] = value.split()
+        nspid, ppid = fields["NSpid"], int(fields["PPid"][0])
+        return int(nspid[0]), (ppid if len(nspid) > 1 else 0)
+    except (OSError, ValueError, IndexError, KeyError):
+        return os.getpid(), 0
 
 
 def return_large_blocks(threshold: int = 256 * 1024) -> bool:

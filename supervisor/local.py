@@ -60,6 +60,7 @@ class LocalBackend(Backend):
                  uid_range: tuple[int, int] = DEFAULT_UID_RANGE) -> None:
         self.subreaper = subreaper
         self._uids = UidPool(*uid_range)
+        self._reserved_uid: int | None = None  # taken by can_start for the next start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._running: dict[str, ChildProcess] = {}  # by task id
@@ -173,10 +174,15 @@ class LocalBackend(Backend):
     # -- starting and running tasks -----------------------------------------
 
     def can_start(self, registration: Registration) -> bool:
-        if registration.sandbox.user == DYNAMIC and self._uids.in_use >= self._uids.size:
-            return False  # every uid of the range runs a task; one comes back with it
         shape = _shape(registration.sandbox)
-        return any(child.shape == shape for child in self._warm)
+        if not any(child.shape == shape for child in self._warm):
+            return False
+        if registration.sandbox.user == DYNAMIC and self._reserved_uid is None:
+            # NOTE: None when every uid of the range runs a task (here or in another
+            # supervisor): the task waits for one to come back.
+            self._reserved_uid = self._uids.take()
+            return self._reserved_uid is not None
+        return True
 
     def start(self, launch: Launch) -> bool:
         registration = launch.registration
@@ -186,7 +192,9 @@ class LocalBackend(Backend):
         self._warm.remove(child)
         uid = gid = None
         if sandbox.user == DYNAMIC:
-            uid = gid = self._uids.take()
+            uid = gid = self._reserved_uid
+            self._reserved_uid = None
+            assert uid is not None, "can_start reserves a uid"
         elif sandbox.user is not None:
             uid, gid = resolve_user(sandbox.user)
         start = Start(
@@ -278,8 +286,8 @@ class LocalBackend(Backend):
             asyncio.get_running_loop().remove_reader(child.sock.fileno())
         except (ValueError, OSError):
             pass
-        if child.pid is None:  # died before it said Ready
-            self._discard(child)
+        # NOTE: a pipe that ends before Ready: the starter's report decides
+        # (SpawnFailed, or Exited: see _on_exited).
 
     def _handle(self, child: ChildProcess, message: object) -> None:
         """Dispatch one message of a task process by its type."""
@@ -320,6 +328,12 @@ class LocalBackend(Backend):
         except OSError:
             self._discard(child)
             return
+        if ready.init_pid:
+            # NOTE: the init waits for this process, so its pid cannot be reused yet.
+            try:
+                child.init_pidfd = os.pidfd_open(ready.init_pid)
+            except OSError:
+                pass
         asyncio.get_running_loop().add_reader(child.pidfd, self._on_child_exited, child)
         self._warm.append(child)
         self.host.backend_changed()
@@ -335,7 +349,24 @@ class LocalBackend(Backend):
         self._stop_reading(child)
         if not child.reaped:
             self._send_ping()  # NOTE: the starter must report it, or be found hung
+            if child.init_pidfd is not None:
+                child.timers.append(loop.call_later(
+                    CONSTS.starter_deadline, self._init_overdue, child))
         self._maybe_finish(child)
+
+    def _init_overdue(self, child: ChildProcess) -> None:
+        """The task process exited long ago, yet its init has not reported its namespace
+        empty (stopped or traced by something the task left, say): SIGKILL the init;
+        the kernel then kills everything in the namespace and the starter reaps it."""
+        if child.reaped or child.init_pidfd is None:
+            return
+        log.error("task %s: the init of its PID namespace did not report within %g s "
+                  "after the task process exited; killing the namespace",
+                  child.task_id, CONSTS.starter_deadline)
+        try:
+            signal.pidfd_send_signal(child.init_pidfd, signal.SIGKILL)
+        except OSError:
+            pass
 
     def _on_starter_readable(self) -> None:
         try:
@@ -363,11 +394,12 @@ class LocalBackend(Backend):
         if child is None:
             return
         if child.pid is None:
-            # NOTE: it died before it was ready (say, its namespace could not
-            # be set up): a failed fork as far as the back-off goes.
+            # NOTE: it died before it said Ready: a failed fork as far as the
+            # back-off goes, so that a warm process that cannot come up (say,
+            # its namespace cannot be set up) does not become a fork loop.
             self._discard(child, replenish=False)
             self._on_spawn_failed(SpawnFailed(
-                exited.token, f"the warm process exited with code {exited.exitcode} "
+                exited.token, f"the warm process ended (exit code {exited.exitcode}) "
                 "before it was ready"))
             return
         child.reaped = True
@@ -483,6 +515,9 @@ class LocalBackend(Backend):
     def _protocol_violation(self, child: ChildProcess, what: str) -> None:
         log.error("task process %s broke the protocol: %s", child.pid, what)
         self._stop_reading(child)
+        if child.pid is None:
+            self._discard(child)  # NOTE: not even Ready: not ours to wait for
+            return
         if child.task_id is None:
             if child.pid is not None and not child.exited:
                 reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)

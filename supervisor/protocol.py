@@ -96,7 +96,7 @@ class Start:
     max_processes: int | None = None  #: RLIMIT_NPROC
     max_cpu_seconds: int | None = None  #: RLIMIT_CPU (soft; the hard limit is one more)
     max_open_files: int | None = None  #: RLIMIT_NOFILE
-    no_new_privs: bool = False  #: PR_SET_NO_NEW_PRIVS
+    no_new_privs: bool = False  #: PR_SET_NO_NEW_PRIVS, and no capabilities at all
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,11 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Ready:
-    """A warm process is up and waits for its :class:`Start`."""
+    """A warm process is up and waits for its :class:`Start` (sent before any task code
+    runs, so it can be believed)."""
 
-    pid: int
+    pid: int  #: as the host sees it
+    init_pid: int = 0  #: the host pid of the init in front of it, in a PID namespace
 
 
 @dataclass(frozen=True)
@@ -390,8 +392,11 @@ def check_report(message: object) -> object:
         if isinstance(message, Finished):
             return _check_finished(message)
         if isinstance(message, Ready):
-            if isinstance(message.pid, bool) or not isinstance(message.pid, int) or message.pid < 1:
-                raise ProtocolError(f"bad pid {message.pid!r}"[:200])
+            for pid in (message.pid, message.init_pid):
+                if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+                    raise ProtocolError(f"bad pid {pid!r}"[:200])
+            if message.pid < 1:
+                raise ProtocolError(f"bad pid {message.pid!r}")
             return message
     except ProtocolError:
         raise

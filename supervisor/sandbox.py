@@ -211,38 +211,78 @@ def containment(sandbox: Sandbox) -> str:
     return "pid-namespace" if sandbox.private_pids else "subreaper"
 
 
+#: Where each uid of ``user="dynamic"`` is locked while a task holds it (flock), so
+#: that supervisors on one machine (or one after another) never share a uid.
+UID_LOCK_DIR = "/run/housekeeping/dynamic-uid"
+
+
 class UidPool:
     """The uids of ``Sandbox(user="dynamic")``: one per running task, reused last.
 
     A uid goes back to the pool only when its task's tree is gone; the one
     returned longest ago is handed out next, so that what a task left behind
     (files in /tmp, IPC objects) meets a later task of the same uid as late
-    as possible.
+    as possible. Each uid in use is also locked (``flock`` on a file of
+    :data:`UID_LOCK_DIR`): another supervisor's pool skips it, and the lock
+    goes with the process that held it. The pool starts at a random place in
+    the range, so that one run's first task does not take the uid of the last
+    run's first task.
     """
 
-    def __init__(self, first: int, last: int) -> None:
+    def __init__(self, first: int, last: int, lock_dir: str = UID_LOCK_DIR) -> None:
+        import secrets
         from collections import deque
 
         self._free = deque(range(first, last + 1))
-        self._taken: set[int] = set()
+        self._free.rotate(-secrets.randbelow(len(self._free)))
+        self._taken: dict[int, int | None] = {}  # uid -> its lock file descriptor
+        self._lock_dir = lock_dir
+        self._locking: bool | None = None  # decided at the first take
 
     def take(self) -> int | None:
-        """A free uid, or None when every uid of the range is in use."""
-        if not self._free:
-            return None
-        uid = self._free.popleft()
-        self._taken.add(uid)
-        return uid
+        """A free uid, or None when every uid of the range is in use (here or elsewhere)."""
+        for _ in range(len(self._free)):
+            uid = self._free.popleft()
+            locked, fd = self._lock(uid)
+            if locked:
+                self._taken[uid] = fd
+                return uid
+            self._free.append(uid)  # NOTE: another supervisor's task holds it
+        return None
 
     def give_back(self, uid: int) -> None:
         """Return a uid whose task's tree is gone."""
         if uid in self._taken:
-            self._taken.discard(uid)
+            fd = self._taken.pop(uid)
+            if fd is not None:
+                os.close(fd)  # NOTE: unlocks it
             self._free.append(uid)
+
+    def _lock(self, uid: int) -> tuple[bool, int | None]:
+        import fcntl
+
+        if self._locking is None:
+            try:
+                os.makedirs(self._lock_dir, mode=0o700, exist_ok=True)
+                self._locking = True
+            except OSError as exc:
+                log.warning("dynamic uids are not locked across supervisors (%s: %s)",
+                            self._lock_dir, exc)
+                self._locking = False
+        if not self._locking:
+            return True, None
+        fd = os.open(os.path.join(self._lock_dir, str(uid)),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False, None
+        return True, fd
 
     @property
     def in_use(self) -> int:
-        """How many uids running tasks hold."""
+        """How many uids running tasks of this pool hold."""
         return len(self._taken)
 
     @property

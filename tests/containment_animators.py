@@ -10,6 +10,7 @@ machine. Every fork loop is bounded. Pids are the host's (``NSpid:``).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -194,3 +195,66 @@ class Patient(Animator):
                 ops.set_state(TaskState.CANCELED)
             time.sleep(0.01)
         return "nobody canceled"
+
+
+#: ptrace(2) requests (linux/ptrace.h).
+PTRACE_SEIZE = 0x4206
+
+
+class Descriptors(Animator):
+    """Report the task process's open descriptors and where they lead."""
+
+    def execute(self, ops: Any) -> Any:
+        found = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                found[name] = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                pass  # NOTE: the listing's own descriptor, closed by now
+        return {"fds": found, "pipe": ops.pipe_fileno()}
+
+
+class RootProbe(Animator):
+    """As root in a sandbox: try what only capabilities allow (reads and probes only).
+
+    ``args.pid`` is the supervisor's: read its memory, open its network
+    namespace, ptrace-seize the namespace's init.
+    """
+
+    def execute(self, ops: Any) -> Any:
+        supervisor = _args(ops)["pid"]
+        seen: dict[str, Any] = {"euid": os.geteuid(), "cap_eff": _status_field("CapEff"),
+                                "cap_bnd": _status_field("CapBnd")}
+        for name, path in (("mem", f"/proc/{supervisor}/mem"),
+                           ("netns", f"/proc/{supervisor}/ns/net"),
+                           ("environ", f"/proc/{supervisor}/environ")):
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+                seen[name] = "read"
+            except OSError as exc:
+                seen[name] = type(exc).__name__
+        libc = ctypes.CDLL(None, use_errno=True)
+        traced = libc.ptrace(PTRACE_SEIZE, 1, 0, 0) == 0
+        seen["ptrace_init"] = "attached" if traced else errno.errorcode[ctypes.get_errno()]
+        return seen
+
+
+class ReportInitThenWait(Animator):
+    """Say ``ready <init host pid>``, wait for the file ``args.gate`` (bounded), return."""
+
+    def execute(self, ops: Any) -> Any:
+        with open("/proc/self/status") as f:
+            ppid = next(line for line in f if line.startswith("PPid:")).split()[1]
+        ops.message(f"ready {ppid}")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(_args(ops)["gate"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "done"
+
+
+class Environment(Animator):
+    """Report the names of the task process's environment variables."""
+
+    def execute(self, ops: Any) -> Any:
+        return {"names": sorted(os.environ), "home": os.environ.get("HOME")}

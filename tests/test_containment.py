@@ -142,6 +142,58 @@ def test_nothing_of_the_tree_survives_a_task_that_escaped_its_subreaper(
 
 
 @needs_namespaces
+def test_an_init_that_does_not_report_does_not_hold_the_task(
+        manager: Any, tmp_path: Path) -> None:
+    """The init of a running task is SIGSTOPped (from outside: a task cannot), so the
+    namespace is never reported empty: 2 s after the task process exited the
+    supervisor SIGKILLs the init, the kernel kills the namespace, the task ends."""
+    m = manager()
+    m.register_animator("GATE", ca.ReportInitThenWait())
+    gate = tmp_path / "gate"
+    task_id = m.run_task({"operation": "GATE", "args": {"gate": str(gate)}})
+    ready = wait_for(lambda: next((t for t in message_texts(m.get_task(task_id))
+                                   if t.startswith("ready ")), None))
+    init = psutil.Process(int(ready.split()[1]))
+    with open(f"/proc/{init.pid}/status") as f:
+        assert next(line for line in f if line.startswith("NSpid:")).split()[-1] == "1"
+    init.send_signal(signal.SIGSTOP)
+    try:
+        gate.touch()
+        task = wait_terminal(m, task_id)
+        assert task["state"] == "SUCCEEDED", message_texts(task)
+        wait_for(lambda: pids_gone(init.pid))
+    finally:
+        if pids_gone(init.pid) is False:
+            init.send_signal(signal.SIGCONT)
+    assert run(m, "GATE", gate=str(gate))["state"] == "SUCCEEDED"  # a fresh init
+
+
+@needs_namespaces
+@needs_root
+def test_a_root_task_in_a_sandbox_has_no_capabilities(manager: Any) -> None:
+    """Without user=, a sandboxed task stays uid 0 but loses every capability: it cannot
+    read the supervisor's memory or environment, enter its network namespace, or
+    ptrace its init."""
+    m = manager(sandbox=Sandbox(private_network=True))
+    m.register_animator("ROOT", ca.RootProbe())
+    seen = result_of(m, "ROOT", pid=os.getpid())
+    assert seen == {"euid": 0, "cap_eff": "0000000000000000", "cap_bnd": "0000000000000000",
+                    "mem": "PermissionError", "netns": "PermissionError",
+                    "environ": "PermissionError", "ptrace_init": "EPERM"}
+
+
+@pytest.mark.parametrize("private_pids", [True, False] if NAMESPACES else [False])
+def test_a_task_process_holds_no_descriptor_of_the_supervisor(
+        manager: Any, private_pids: bool) -> None:
+    """Only its pipe and the standard streams: nothing of the starter (its epoll
+    instance, its sockets) or of an init reaches the task."""
+    m = manager(sandbox=Sandbox(private_pids=private_pids))
+    m.register_animator("FDS", ca.Descriptors())
+    seen = result_of(m, "FDS")
+    assert set(seen["fds"]) == {"0", "1", "2", str(seen["pipe"])}, seen
+
+
+@needs_namespaces
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV, signal.SIGTERM])
 def test_a_task_that_signals_itself_dies_of_it(manager: Any, sig: int) -> None:
     m = manager()
@@ -289,3 +341,47 @@ def test_a_dynamic_users_daemon_dies_with_its_tree(
     seen = result_of(m, "ESCAPE", pidfile=str(shared_dir / "daemon.pid"))
     wait_for(lambda: pids_gone(seen["daemon"]))
     assert result_of(m, "ID")["uid"] == 62010
+
+
+@pytest.mark.parametrize("sandbox", [Sandbox(private_pids=False, max_open_files=1024),
+                                     Sandbox(private_pids=False, user="dynamic")],
+                         ids=["rlimit", "dynamic"])
+def test_a_sandboxed_task_keeps_only_an_allowlist_of_the_environment(
+        manager: Any, monkeypatch: pytest.MonkeyPatch, sandbox: Sandbox) -> None:
+    if sandbox.user is not None and os.geteuid() != 0:
+        pytest.skip("changing users needs root")
+    monkeypatch.setenv("CONTAINMENT_SECRET", "s3cret")
+    monkeypatch.setenv("HOUSEKEEPING_TASK_MODE", "fast")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    m = manager(sandbox=sandbox)  # NOTE: the starter takes the environment at its start
+    m.register_animator("ENV", ca.Environment())
+    m.register_animator("BARE", ca.Environment(), sandbox=Sandbox(private_pids=False))
+    seen = result_of(m, "ENV")
+    assert "CONTAINMENT_SECRET" not in seen["names"]
+    assert {"HOUSEKEEPING_TASK_MODE", "LC_ALL", "PATH"} <= set(seen["names"]), seen
+    assert seen["home"] == ("/" if sandbox.user else os.environ.get("HOME"))
+    # with no sandbox at all, nothing changes
+    assert "CONTAINMENT_SECRET" in result_of(m, "BARE")["names"]
+
+
+@needs_root
+def test_two_supervisors_never_share_a_dynamic_uid(manager: Any) -> None:
+    """Each uid in use is locked on the machine: with a range of one uid, a second
+    manager's task waits while the first manager's task holds it."""
+    import time
+
+    first = manager(sandbox=DYNAMIC, uid_range=(62030, 62030))
+    second = manager(sandbox=DYNAMIC, uid_range=(62030, 62030))
+    first.register_animator("PATIENT", ca.Patient())
+    second.register_animator("ID", ca.Identity())
+    patient = first.run_task({"operation": "PATIENT"})
+    wait_for(lambda: any(t.startswith("ready ") for t in message_texts(first.get_task(patient))))
+    waiting = second.run_task({"operation": "ID"})
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # NOTE: it must not start while the uid is held
+        assert second.get_task(waiting)["state"] == "NEW"
+    first.cancel_task(patient)
+    wait_terminal(first, patient)
+    again = second.run_task({"operation": "ID"})  # NOTE: a change that makes it dispatch
+    assert wait_terminal(second, waiting)["result"]["uid"] == 62030
+    assert wait_terminal(second, again)["result"]["uid"] == 62030

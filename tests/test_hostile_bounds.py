@@ -161,12 +161,15 @@ def warm_processes(server: LiveServer) -> list[psutil.Process]:
     assert len(starters) == 1, [describe(p) for p in starters]
     found = []
     for child in starters[0].children():
-        below = child.children()
-        found.extend(below if _in_pid_namespace_of_its_own(child) else [child])
+        try:  # NOTE: an init may exit meanwhile (retired after a Preload)
+            found.extend(child.children() if _is_an_init(child) else [child])
+        except (psutil.Error, OSError):
+            continue
     return found
 
 
-def _in_pid_namespace_of_its_own(proc: psutil.Process) -> bool:
+def _is_an_init(proc: psutil.Process) -> bool:
+    """True for PID 1 of a PID namespace (the init in front of a task process)."""
     with open(f"/proc/{proc.pid}/status") as f:
         nspid = next(line for line in f if line.startswith("NSpid:")).split()[1:]
     return nspid[-1] == "1"

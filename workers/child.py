@@ -25,7 +25,14 @@ from typing import Any
 
 import uvloop  # imported here, in the starter, so that forks inherit it
 
-from supervisor.linux import PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, host_pid, prctl
+from supervisor.linux import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_NO_NEW_PRIVS,
+    clear_capabilities,
+    drop_capabilities,
+    host_pids,
+    prctl,
+)
 from supervisor.protocol import (
     MAX_JSON_DEPTH,
     MAX_RESULT_BYTES,
@@ -59,6 +66,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def run_warm_process(fd: int) -> int:
     """Run one task process on pipe ``fd``; return its exit code."""
+    # NOTE: nothing of the starter (or an init) may reach the task: every
+    # descriptor but the pipe and the standard streams is closed.
+    os.closerange(3, fd)
+    os.closerange(fd + 1, 1 << 20)
     os.setpgid(0, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -69,7 +80,7 @@ def run_warm_process(fd: int) -> int:
     conn = Connection(fd)
     try:
         # NOTE: the host's view of the pid: in a PID namespace getpid() is 2.
-        conn.send_bytes(encode(Ready(host_pid())))
+        conn.send_bytes(encode(Ready(*host_pids())))
         data = conn.recv_bytes()
     except (EOFError, OSError, Terminated):
         return EXIT_NO_TASK
@@ -110,12 +121,28 @@ def _prepare(start: Start) -> Any:
     return animator
 
 
+#: What a sandboxed task keeps of the supervisor's environment (its secrets stay
+#: behind): these names, every ``LC_*``, and every ``HOUSEKEEPING_TASK_*``.
+KEPT_ENVIRONMENT = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "HOME",
+                              "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONUNBUFFERED"})
+TASK_ENVIRONMENT_PREFIX = "HOUSEKEEPING_TASK_"
+
+
+def _clear_environment(other_user: bool) -> None:
+    for name in list(os.environ):
+        if not (name in KEPT_ENVIRONMENT or name.startswith(("LC_", TASK_ENVIRONMENT_PREFIX))):
+            del os.environ[name]
+    if other_user:
+        os.environ["HOME"] = "/"  # NOTE: the supervisor's home is not the task's
+
+
 class SandboxError(Exception):
     """The sandbox could not be applied; the animator does not run."""
 
 
 def _confine(start: Start) -> None:
-    """Apply the rlimits, no_new_privs and the user of the task's sandbox, in that order."""
+    """Apply the rlimits, no_new_privs, no capabilities and the user of the task's
+    sandbox, in that order."""
     try:
         if start.max_open_files is not None:
             limit = start.max_open_files
@@ -127,13 +154,20 @@ def _confine(start: Start) -> None:
         if start.max_processes is not None:
             limit = start.max_processes
             resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        privileged = os.geteuid() == 0
         if start.no_new_privs:
+            _clear_environment(other_user=start.uid is not None)
             prctl(PR_SET_NO_NEW_PRIVS, 1)
+            if privileged:
+                drop_capabilities()
         if start.uid is not None:
             gid = start.gid if start.gid is not None else start.uid
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(start.uid, start.uid, start.uid)
+        if start.no_new_privs and privileged:
+            # NOTE: a task that stays root keeps root's files, not root's powers.
+            clear_capabilities()
     except OSError as exc:
         raise SandboxError(f"the sandbox could not be applied: {exc}") from exc
 

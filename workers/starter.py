@@ -176,6 +176,7 @@ class Starter:
         # NOTE: never in the child: it cannot go back, and must not.
         setns(self._own_pid_namespace, CLONE_NEWPID)
         theirs.close()
+        ours.setblocking(False)  # NOTE: the starter never waits on an init
         self.known[pid] = _Known(0, ours, private_network, self._generation)
         if self.selector is not None:
             self.selector.register(ours, selectors.EVENT_READ, pid)
@@ -187,6 +188,8 @@ class Starter:
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         self.sock.close()
+        if self.selector is not None:
+            self.selector.close()  # NOTE: a task must not reach the starter's epoll
         for private in self.private_fds:
             os.close(private)
         for known in self.known.values():
@@ -205,6 +208,8 @@ class Starter:
             data = known.init.recv(1 << 12)
             if data:
                 message = decode(data)
+        except BlockingIOError:
+            return  # NOTE: nothing there after all
         except OSError:
             data = b""
         except ProtocolError:
