@@ -41,29 +41,42 @@ def _linger() -> None:
     os._exit(0)
 
 
+def host_pid() -> int:
+    """This process's pid as the host sees it (``NSpid:``; in a PID namespace of its own
+    ``os.getpid()`` is the pid inside it)."""
+    from supervisor.linux import host_pids
+
+    return host_pids()[0]
+
+
 def spawn_descendants() -> list[int]:
-    """Fork 3 sleeping descendants: two children and a grandchild below the second."""
+    """Fork 3 sleeping descendants: two children and a grandchild below the second.
+
+    Each writes its own host pid to a pipe, so the pids are the host's also
+    when the caller is in a PID namespace.
+    """
     read, write = os.pipe()
-    pids: list[int] = []
     for with_grandchild in (False, True):
-        pid = os.fork()
-        if pid == 0:
+        if os.fork() == 0:
             os.close(read)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            if with_grandchild:
-                grandchild = os.fork()
-                if grandchild == 0:
-                    os.close(write)
-                    _linger()
-                os.write(write, str(grandchild).encode())
+            if with_grandchild and os.fork() == 0:
+                os.write(write, f"{host_pid()} ".encode())
+                os.close(write)
+                _linger()
+            os.write(write, f"{host_pid()} ".encode())
             os.close(write)
             _linger()
-        pids.append(pid)
     os.close(write)
-    pids.append(int(os.read(read, 32)))
+    text = b""
+    while len(text.split()) < 3:
+        chunk = os.read(read, 64)
+        if not chunk:
+            break
+        text += chunk
     os.close(read)
-    return pids
+    return [int(pid) for pid in text.split()]
 
 
 # -- housekeeping animators ---------------------------------------------------------
@@ -100,7 +113,7 @@ class Cooperative(Animator):
 
     def execute(self, ops: TaskOps) -> Any:
         """Wait for the cancel and honour it."""
-        ops.message(f"running {os.getpid()}")
+        ops.message(f"running {host_pid()}")
         deadline = time.monotonic() + CHILD_LIFETIME
         while time.monotonic() < deadline:
             if ops.is_canceled():
@@ -114,7 +127,7 @@ class Ticking(Animator):
 
     def execute(self, ops: TaskOps) -> Any:
         """Report progress every 10 ms until canceled."""
-        ops.message(f"running {os.getpid()}")
+        ops.message(f"running {host_pid()}")
         deadline = time.monotonic() + CHILD_LIFETIME
         tick = 0
         while time.monotonic() < deadline:
@@ -216,14 +229,14 @@ def _announce(path: str, pids: list[int]) -> None:
 
 def sleep_job(path: str) -> str:
     """Announce this process, then sleep: a running job to cancel."""
-    _announce(path, [os.getpid()])
+    _announce(path, [host_pid()])
     time.sleep(CHILD_LIFETIME)
     return "not canceled"
 
 
 def tree_job(path: str) -> str:
     """Start 3 descendants, announce all 4 pids, then sleep."""
-    _announce(path, [os.getpid(), *spawn_descendants()])
+    _announce(path, [host_pid(), *spawn_descendants()])
     time.sleep(CHILD_LIFETIME)
     return "not canceled"
 
@@ -231,7 +244,7 @@ def tree_job(path: str) -> str:
 def tree_process(conn: Connection) -> None:
     """A bare process: own process group, 3 descendants, pids up the pipe, sleep."""
     os.setpgid(0, 0)
-    conn.send([os.getpid(), *spawn_descendants()])
+    conn.send([host_pid(), *spawn_descendants()])
     conn.close()
     time.sleep(CHILD_LIFETIME)
 

@@ -132,7 +132,8 @@ def run(options: Options) -> Section:
     parent = Table("supervising process RSS", "MiB", [], scale=MIB, digits=1)
     rss = Table("per running task process: RSS", "MiB", [], scale=MIB, digits=1)
     uss = Table("per running task process: USS (unshared)", "MiB", [], scale=MIB, digits=2)
-    helpers = Table("housekeeping helper processes (starter + 2 warm), total", "MiB", [],
+    helpers = Table("housekeeping helper processes (starter, 2 warm processes, their inits), total",
+                    "MiB", [],
                     scale=MIB, digits=1)
     names = {"housekeeping": "housekeeping", "ppe": "ProcessPoolExecutor (fork)",
              "pebble": "pebble ProcessPool", "loky": "loky executor"}

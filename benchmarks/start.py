@@ -52,9 +52,10 @@ class ManagerStart(Approach):
     name = "housekeeping run_task → ACTIVE"
     executing = "housekeeping run_task → execute() begins"
     pause = 0.01
+    sandbox: Any = None  #: the manager's default sandbox (None: the library's)
 
     def __init__(self, sandbox: Any = None, label: str = "") -> None:
-        self.sandbox = sandbox  #: the manager's default sandbox (None: the library's)
+        self.sandbox = sandbox
         if label:
             self.name, self.executing = f"{self.name} ({label})", f"{self.executing} ({label})"
 

@@ -18,11 +18,14 @@ Shutdown order (:meth:`Server.serve_until_stopped`), each step logged at debug:
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import resource
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -123,12 +126,35 @@ def close_stalled_channels(listener: Any, now: float) -> None:
     type(listener).maintenance(listener, now)
     cutoff = now - listener.adj.channel_timeout
     for channel in list(listener.active_channels.values()):
-        if channel.requests and channel.total_outbufs_len and channel.last_activity < cutoff:
+        if not channel.requests:
+            continue
+        stalled = bool(channel.total_outbufs_len) and channel.last_activity < cutoff
+        if not stalled:
+            # NOTE: the whole answer may sit in the kernel's send queue (an event
+            # stream's backlog fits in a few MiB of socket buffer), so waitress has
+            # nothing left to write and never sees the client stall; a send queue
+            # that has not moved for channel_timeout is a stall too.
+            unsent = _unsent_bytes(channel)
+            seen = getattr(channel, "unsent_since", None)
+            if unsent and seen is not None and seen[0] == unsent:
+                stalled = seen[1] < cutoff
+            else:
+                channel.unsent_since = (unsent, now) if unsent else None
+        if stalled:
             log.info("closing a connection from %s that took no data for %d s",
                      channel.addr[0] if channel.addr else "?", listener.adj.channel_timeout)
             # NOTE: not will_close: waitress acts on that only once the socket
             # is writable, which a client that does not read never makes it.
             channel.handle_close()
+
+
+def _unsent_bytes(channel: Any) -> int:
+    """Bytes written to a connection's socket that the peer has not acknowledged yet."""
+    try:
+        raw = fcntl.ioctl(channel.socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (OSError, AttributeError, ValueError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 class AccessLog:

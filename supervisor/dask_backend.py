@@ -313,7 +313,10 @@ class DaskBackend(Backend):
         remote = self._tasks.get(task_id)
         if remote is None or remote.outcome is not None:
             return
-        if _canceled(error) and self._client.status != "running":
+        # NOTE: distributed says why it canceled a future; the client's status
+        # cannot tell (by now it may have reconnected).
+        lost = getattr(error, "reason", None) == "scheduler-connection-lost"
+        if _canceled(error) and (lost or self._client.status != "running"):
             # NOTE: the client cancels every future when it loses the scheduler.
             self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable "
                                   f"(the connection was lost)")

@@ -48,25 +48,42 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc().setns(fd, nstype))
 
 
-def drop_capabilities() -> None:
-    """Empty the capability bounding set, then the effective, permitted and inheritable
-    sets: root without them cannot ptrace, read other processes' memory, enter
-    namespaces or raise limits, and no exec gives them back.
-
-    NOTE: the bounding set first (dropping it needs CAP_SETPCAP); a setuid to
-    another user, if any, belongs between the two (it needs CAP_SETUID).
-    """
+@functools.cache
+def _last_capability() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        prctl(PR_CAPBSET_DROP, cap)
+        return int(f.read())
+
+
+def drop_capabilities() -> None:
+    """Empty the capability bounding set: no exec can give a capability back.
+
+    NOTE: dropping it needs CAP_SETPCAP, so it comes before a setuid; the
+    process keeps the capabilities it has until :func:`clear_capabilities`.
+    """
+    prctl_ = _libc().prctl
+    for cap in range(_last_capability() + 1):
+        if prctl_(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            _check(-1)
 
 
 def clear_capabilities() -> None:
-    """capset(2) to nothing: the second half of :func:`drop_capabilities`."""
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all 0
-    _check(_libc().capset(header, data))
+    """capset(2) to nothing: root without capabilities cannot ptrace, read other
+    processes' memory, enter namespaces or raise limits."""
+    _check(_libc().capset(_CAP_HEADER, _CAP_DATA))
+
+
+def warm_up() -> None:
+    """Resolve what a task process calls on its start path, ahead of the fork (in the
+    starter): a ctypes lookup and a /proc read cost more than the calls."""
+    if sys.platform.startswith("linux"):
+        libc = _libc()
+        _ = libc.prctl, libc.capset, libc.unshare, libc.setns
+        _last_capability()
+
+
+#: capset(2) arguments: version 3, this process; two {effective, permitted, inheritable}
+_CAP_HEADER = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+_CAP_DATA = (ctypes.c_uint32 * 6)()
 
 
 def loopback_up() -> None:

@@ -4,9 +4,10 @@ Real pid exhaustion is no way to test this (root ignores ``RLIMIT_NPROC``,
 and it would starve the machine), so this module wraps ``os.fork`` when it is
 imported with :data:`COUNTER_ENV` set. Registering :class:`Forked` makes the
 starter import ("preload") this module, so the wrapper runs in the starter;
-it fails a fork only there: in the process that imported the module (not in
-the task processes the starter forks), and never in the test process, whose
-pid :data:`EXEMPT_ENV` holds. Each failed fork takes one from the counter
+it fails a fork only where warm processes are forked: in the process that
+imported the module, and in an init of a PID namespace (pid 1 there, a fork
+of the starter) -- not in the task processes -- and never in the test
+process, whose pid :data:`EXEMPT_ENV` holds. Each failed fork takes one from the counter
 file named by :data:`COUNTER_ENV`; at 0, forks succeed again.
 """
 
@@ -24,28 +25,37 @@ COUNTER_ENV = "HOUSEKEEPING_TEST_FORK_FAILURES"
 EXEMPT_ENV = "HOUSEKEEPING_TEST_FORK_EXEMPT"
 
 _IMPORTED_BY = os.getpid()
+#: Read at import: a sandbox cuts the environment of the processes forked later.
+_COUNTER = os.environ.get(COUNTER_ENV)
 _real_fork = os.fork
 
 
 def take_failure(path: str) -> bool:
-    """Take one failure from the counter file; False when it holds 0 (or nothing)."""
+    """Take one failure from the counter file; False when it holds 0 (or nothing).
+
+    NOTE: under a lock: the starter and several inits may fork at once.
+    """
+    import fcntl
+
     try:
-        with open(path) as f:
+        with open(path, "r+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
             left = int(f.read().strip() or 0)
+            if left <= 0:
+                return False
+            f.seek(0)
+            f.truncate()
+            f.write(str(left - 1))
+            return True
     except (OSError, ValueError):
         return False
-    if left <= 0:
-        return False
-    with open(path + ".tmp", "w") as f:
-        f.write(str(left - 1))
-    os.replace(path + ".tmp", path)
-    return True
 
 
 def _fork() -> int:
-    """``os.fork``, failing with EAGAIN while the counter says so (in the importer only)."""
-    path = os.environ.get(COUNTER_ENV)
-    if path and os.getpid() == _IMPORTED_BY and take_failure(path):
+    """``os.fork``, failing with EAGAIN while the counter says so (in the importer and
+    in inits only)."""
+    path = _COUNTER
+    if path and os.getpid() in (_IMPORTED_BY, 1) and take_failure(path):
         raise OSError(errno.EAGAIN, f"{os.strerror(errno.EAGAIN)} (injected by fork_faults)")
     return _real_fork()
 

@@ -7,6 +7,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,16 @@ class SseClient:
         raise AssertionError("the stream ended")
 
     def close(self) -> None:
-        """Close the connection (the response holds the socket too)."""
+        """Close the connection (the response holds the socket too).
+
+        NOTE: shut down first: a thread blocked reading the stream would keep
+        the socket open (no FIN) until its read returns.
+        """
+        if self.conn.sock is not None:
+            try:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.response.close()
         self.conn.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import encodings.idna  # noqa: F401 (see NOTE below)
 import inspect
 import json
 import os
@@ -25,14 +24,7 @@ from typing import Any
 
 import uvloop  # imported here, in the starter, so that forks inherit it
 
-from supervisor.linux import (
-    PR_SET_CHILD_SUBREAPER,
-    PR_SET_NO_NEW_PRIVS,
-    clear_capabilities,
-    drop_capabilities,
-    host_pids,
-    prctl,
-)
+from supervisor.linux import PR_SET_CHILD_SUBREAPER, host_pids, prctl
 from supervisor.protocol import (
     MAX_JSON_DEPTH,
     MAX_RESULT_BYTES,
@@ -44,16 +36,12 @@ from supervisor.protocol import (
     json_depth,
 )
 from supervisor.states import TaskState
+from workers.confine import confine
 from workers.ops import TaskEnded, TaskOps
 
 EXIT_OK = 0  # the final report was sent
 EXIT_NO_TASK = 0  # the parent closed the pipe before handing over a task
 EXIT_BAD_START = 70  # the Start message could not be read
-
-# NOTE: a task running as another user (Sandbox.user) may not be able to read
-# the interpreter's own library (it may live under a private home), so what
-# the stdlib imports lazily on common paths is imported here, in the starter:
-# encodings.idna by socket.getaddrinfo (else "LookupError: unknown encoding").
 
 
 class Terminated(BaseException):
@@ -117,59 +105,8 @@ def _prepare(start: Start) -> Any:
     if start.max_memory:
         resource.setrlimit(resource.RLIMIT_AS, (start.max_memory, start.max_memory))
     animator = pickle.loads(start.animator)
-    _confine(start)  # NOTE: after the imports: the new user may not read them
+    confine(start)  # NOTE: after the imports: the new user may not read them
     return animator
-
-
-#: What a sandboxed task keeps of the supervisor's environment (its secrets stay
-#: behind): these names, every ``LC_*``, and every ``HOUSEKEEPING_TASK_*``.
-KEPT_ENVIRONMENT = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "HOME",
-                              "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONUNBUFFERED"})
-TASK_ENVIRONMENT_PREFIX = "HOUSEKEEPING_TASK_"
-
-
-def _clear_environment(other_user: bool) -> None:
-    for name in list(os.environ):
-        if not (name in KEPT_ENVIRONMENT or name.startswith(("LC_", TASK_ENVIRONMENT_PREFIX))):
-            del os.environ[name]
-    if other_user:
-        os.environ["HOME"] = "/"  # NOTE: the supervisor's home is not the task's
-
-
-class SandboxError(Exception):
-    """The sandbox could not be applied; the animator does not run."""
-
-
-def _confine(start: Start) -> None:
-    """Apply the rlimits, no_new_privs, no capabilities and the user of the task's
-    sandbox, in that order."""
-    try:
-        if start.max_open_files is not None:
-            limit = start.max_open_files
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-        if start.max_cpu_seconds is not None:
-            # NOTE: SIGXCPU at the soft limit, SIGKILL a second later if it is caught.
-            cpu = start.max_cpu_seconds
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        if start.max_processes is not None:
-            limit = start.max_processes
-            resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
-        privileged = os.geteuid() == 0
-        if start.no_new_privs:
-            _clear_environment(other_user=start.uid is not None)
-            prctl(PR_SET_NO_NEW_PRIVS, 1)
-            if privileged:
-                drop_capabilities()
-        if start.uid is not None:
-            gid = start.gid if start.gid is not None else start.uid
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(start.uid, start.uid, start.uid)
-        if start.no_new_privs and privileged:
-            # NOTE: a task that stays root keeps root's files, not root's powers.
-            clear_capabilities()
-    except OSError as exc:
-        raise SandboxError(f"the sandbox could not be applied: {exc}") from exc
 
 
 def _execute(start: Start, ops: TaskOps) -> Finished:

@@ -30,10 +30,9 @@ import signal
 import socket
 
 from supervisor.linux import CLONE_NEWNET, PR_SET_PDEATHSIG, loopback_up, prctl, unshare
-from supervisor.protocol import Exited, ProtocolError, Spawn, decode, encode
+from supervisor.protocol import Exited, ProtocolError, Spawn, SpawnFailed, decode, encode
+from workers import confine
 from workers.child import run_warm_process
-
-EXIT_FORK_FAILED = 75  #: reported for a Spawn whose fork failed (EX_TEMPFAIL)
 
 
 def run_init(ctl: socket.socket, private_network: bool) -> int:
@@ -42,6 +41,10 @@ def run_init(ctl: socket.socket, private_network: bool) -> int:
     if private_network:
         unshare(CLONE_NEWNET)
         loopback_up()
+    # NOTE: a namespace is a sandbox: what every confined task needs is done
+    # here, once, and inherited (the init keeps its capabilities: it kills
+    # the processes of other users in its namespace).
+    confine.prepare()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     current: list[int] = []  # the task process now, if any
 
@@ -68,16 +71,19 @@ def run_init(ctl: socket.socket, private_network: bool) -> int:
             for fd in fds:
                 os.close(fd)
             continue
-        ctl.send(encode(Exited(0, _run_one(fds[0], ctl, current), request.token)))
+        try:
+            task = os.fork()
+        except OSError as exc:
+            # NOTE: as in the starter: reported, and the manager backs off.
+            os.close(fds[0])
+            ctl.send(encode(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}")))
+            continue
+        ctl.send(encode(Exited(0, _run_one(task, fds[0], ctl, current), request.token)))
 
 
-def _run_one(fd: int, ctl: socket.socket, current: list[int]) -> int:
-    """Fork a warm task process on pipe ``fd``; empty the namespace after it; its exit code."""
-    try:
-        task = os.fork()
-    except OSError:
-        os.close(fd)
-        return EXIT_FORK_FAILED
+def _run_one(task: int, fd: int, ctl: socket.socket, current: list[int]) -> int:
+    """Run the warm task process just forked on pipe ``fd`` (``task`` is 0 in it);
+    empty the namespace after it; return its exit code."""
     if task == 0:
         code = 70
         try:

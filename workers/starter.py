@@ -41,6 +41,7 @@ from supervisor.linux import (
     prctl,
     setns,
     unshare,
+    warm_up,
 )
 from supervisor.protocol import (
     Exited,
@@ -218,10 +219,15 @@ class Starter:
             self._forget_init(known)  # NOTE: it is exiting; reap() reports it
             return
         # NOTE: only for the task it runs (a task may not speak for another).
-        if isinstance(message, Exited) and known.token and message.token == known.token:
-            known.token = 0
-            if known.generation != self._generation:
-                self._forget_init(known)  # NOTE: EOF tells it to exit
+        if not (isinstance(message, Exited | SpawnFailed) and known.token
+                and message.token == known.token):
+            return
+        known.token = 0
+        if known.generation != self._generation:
+            self._forget_init(known)  # NOTE: EOF tells it to exit
+        if isinstance(message, SpawnFailed):
+            self.send(SpawnFailed(message.token, message.error[:300]))
+        else:
             self.send(Exited(pid, message.exitcode, message.token))
 
     def retire_inits(self) -> None:
@@ -389,6 +395,7 @@ def main() -> int:
     """Entry point: ``python -c 'from workers.starter import main; main()' FD PARENT``."""
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     sock = socket.socket(fileno=fd)
+    warm_up()
     gc.freeze()
     return serve(sock, parent)
 
