@@ -329,7 +329,8 @@ class LocalBackend(Backend):
             self._discard(child)
             return
         if ready.init_pid:
-            # NOTE: the init waits for this process, so its pid cannot be reused yet.
+            # NOTE: the starter reaps the init only after this process is gone, so
+            # the init's pid cannot be reused yet.
             try:
                 child.init_pidfd = os.pidfd_open(ready.init_pid)
             except OSError:

@@ -1,23 +1,26 @@
 """What the kernel contains for a task: namespaces, a user of its own, resource limits.
 
 A :class:`Sandbox` says how a task process is confined. The parts that must
-exist before the process does (its PID and network namespaces) are made when
-a warm process is forked, off the start path; the rest (the user, the
-rlimits, ``PR_SET_NO_NEW_PRIVS``) is applied by the task process itself,
-after it received its task and imported its animator, before the animator's
-first line runs.
+exist before the process does (its PID and network namespaces) are made
+before a warm process is forked, off the start path; what every confined task
+needs (the environment cut, ``PR_SET_NO_NEW_PRIVS``, the empty capability
+bounding set) is done once by the init of a namespace (``workers.confine``);
+the rest (the rlimits, the user, no capabilities) is applied by the task
+process itself, after it received its task and imported its animator,
+before the animator's first line runs.
 
 ::
 
-    starter ── unshare(NEWPID), fork ──▶ init (PID 1 of the namespace)
+    starter ── unshare(NEWPID), fork ──▶ init (PID 1 of the namespace, reused)
+                                          ├─ environment, no_new_privs, bounding set
                                           ├─ forwards SIGTERM, reaps orphans
-                                          └─ fork ──▶ warm task process (PID 2)
-                                                       Start: rlimits, no_new_privs,
-                                                       setgroups/setgid/setuid, run
+                                          └─ fork per Spawn ──▶ warm task process
+                                                       Start: rlimits, setgroups/
+                                                       setgid/setuid, capset, run
 
 When the task process exits, the init kills everything left in its
-namespace, reaps it and exits with the task process's status; the kernel
-guarantees that nothing of the namespace outlives its init.
+namespace, reaps it and reports the task process's exit to the starter; the
+kernel guarantees that nothing of the namespace outlives its init.
 """
 
 from __future__ import annotations
@@ -279,16 +282,6 @@ class UidPool:
             os.close(fd)
             return False, None
         return True, fd
-
-    @property
-    def in_use(self) -> int:
-        """How many uids running tasks of this pool hold."""
-        return len(self._taken)
-
-    @property
-    def size(self) -> int:
-        """How many uids the range holds."""
-        return len(self._taken) + len(self._free)
 
 
 def check_uid_range(uid_range: Any) -> tuple[int, int]:

@@ -222,6 +222,8 @@ class RootProbe(Animator):
     """
 
     def execute(self, ops: Any) -> Any:
+        if not in_pid_namespace():  # NOTE: pid 1 below must be its own init
+            return {"refused": "not in a PID namespace of its own"}
         supervisor = _args(ops)["pid"]
         seen: dict[str, Any] = {"euid": os.geteuid(), "cap_eff": _status_field("CapEff"),
                                 "cap_bnd": _status_field("CapBnd")}

@@ -55,8 +55,8 @@ class SandboxError(Exception):
 
 
 def confine(start: Start) -> None:
-    """Apply the rlimits, no_new_privs, no capabilities and the user of the task's
-    sandbox, in that order."""
+    """Apply the task's sandbox: the rlimits, :func:`prepare` unless an init did it,
+    the user (groups, gid, uid), then no capabilities for a task that stays root."""
     try:
         if start.max_open_files is not None:
             limit = start.max_open_files

@@ -200,7 +200,8 @@ class Starter:
             os.close(self._own_pid_namespace)
 
     def on_init_report(self, pid: int) -> None:
-        """An init's task process and its namespace are gone: report it, mark it idle."""
+        """An init reported its task process gone and its namespace empty (``Exited``), or
+        its fork failed (``SpawnFailed``): pass it on, mark the init idle."""
         known = self.known.get(pid)
         if known is None or known.init is None:
             return
