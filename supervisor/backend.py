@@ -16,6 +16,8 @@ on this machine; the default) and ``supervisor.dask_backend.DaskBackend``
     cancel_task ─── cancel(task_id) ────────────▶ tell, kill after cancel_grace
     task_message(task_id, Progress | ...) ◀─────  coalesced reports, in order
     task_finished(task_id, outcome) ◀───────────  exactly once per started task
+    task_output(task_id, stream, bytes) ◀────────  what its processes write
+    task_output_closed(task_id) ◀───────────────  once per started task: output ended
     terminate ─── await shutdown() ─────────────▶ tell, grace, kill, reap; stop
 
 Every method of a backend, and every call it makes to its host, runs on the
@@ -93,6 +95,20 @@ class Host(Protocol):
 
     def backend_changed(self) -> None:
         """Capacity or availability changed: dispatch queued tasks (or fail them)."""
+
+    def task_output(self, task_id: str, stream: str, data: bytes,
+                    when: float | None = None) -> None:
+        """Take bytes a started task's processes wrote on ``"stdout"`` or ``"stderr"``
+        (``when``: the time they were written, if not now)."""
+
+    def task_output_lines(self, task_id: str, stream: str, texts: list[str],
+                          when: float) -> None:
+        """Take lines a started task wrote, already split (a remote worker's)."""
+
+    def task_output_closed(self, task_id: str) -> None:
+        """A started task's output ended: once per started task, after its last
+        ``task_output``, before or after ``task_finished`` (its log is complete
+        when both happened)."""
 
 
 class Backend(abc.ABC):

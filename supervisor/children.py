@@ -28,6 +28,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+from supervisor.capture import OutputPipes
 from supervisor.protocol import (
     FRAME_HEADER,
     MAX_MESSAGE_BYTES,
@@ -89,20 +90,26 @@ class StarterProcess:
         self.sock = ours
         self.pidfd = os.pidfd_open(self.popen.pid)
 
-    def spawn(self, token: int, private_pids: bool = False,
+    def spawn(self, token: int, output: OutputPipes, private_pids: bool = False,
               private_network: bool = False) -> socket.socket:
         """Ask for one warm process; return the parent's end of its pipe.
 
         ``token`` comes back in a :class:`SpawnFailed` if the fork fails, and
-        in the :class:`Exited` of the process.
+        in the :class:`Exited` of the process. The write ends of ``output``
+        become its stdout and stderr.
         """
         assert self.sock is not None
         parent_end, child_end = socket.socketpair()
         request = Spawn(token, private_pids, private_network)
         try:
-            socket.send_fds(self.sock, [encode(request)], [child_end.fileno()])
+            socket.send_fds(self.sock, [encode(request)],
+                            [child_end.fileno(), *output.write_fds])
+        except OSError:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
+        output.handed_over()
         # NOTE: never blocking, in both directions: a task process that stops
         # reading (or is stopped) must not stall the loop, nor a half frame.
         parent_end.setblocking(False)
@@ -182,6 +189,7 @@ class ChildProcess:
         self.exitcode: int | None = None
         self.timers: list[asyncio.TimerHandle] = []
         self.max_memory: int | None = None
+        self.output: OutputPipes | None = None  #: its stdout and stderr
 
     @property
     def killing(self) -> bool:

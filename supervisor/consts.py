@@ -32,6 +32,9 @@ class Consts:
     #: How long a task process may live after its final report before its
     #: tree is killed (the report still decides the outcome).
     exit_grace: float = 1.0
+    #: How long a task's output pipes may stay open after it ended (a copy passed out
+    #: of its tree) before the log stops reading them and is complete.
+    output_grace: float = 2.0
     #: How often the manager pings the starter.
     starter_ping_interval: float = 0.5
     #: A starter that has not answered a ping (or reported a task process's

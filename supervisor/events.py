@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from supervisor.snapshot import DROPPED, ChangeEvent
@@ -29,41 +29,49 @@ Callback = Callable[[Event], None]
 RawCallback = Callable[[ChangeEvent], None]
 
 
-class _Subscriber:
-    """One callback, its backlog and its delivery thread."""
+class Subscriber:
+    """One callback, its backlog and its delivery thread.
 
-    def __init__(self, key: int, callback: Callable[[Any], None], raw: bool,
-                 backlog: int, backlog_bytes: int) -> None:
+    Subclasses say how one queued item reaches the callback (:meth:`deliver`).
+    """
+
+    def __init__(self, key: int, callback: Callable[[Any], None], backlog: int,
+                 backlog_bytes: int, *, dropped: Any, name: str) -> None:
         self.key = key
         self.callback = callback
-        self.raw = raw
         self.backlog = backlog
         self.backlog_bytes = backlog_bytes
         self.queued_bytes = 0
-        self.queue: deque[ChangeEvent] = deque()
+        self.queue: deque[Any] = deque()  #: items with a ``size``
         self.cond = threading.Condition()
         self.closed = False
         self.dropped = False
-        self.thread = threading.Thread(
-            target=self._deliver, name=f"housekeeping-subscriber-{key}", daemon=True
-        )
+        self._dropped_item = dropped  #: the last item of one that fell behind
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def offer(self, event: ChangeEvent) -> bool:
-        """Queue an event; False if the subscriber fell too far behind (dropped)."""
+    def start(self) -> None:
+        self.thread.start()
+
+    def preload(self, items: Iterable[Any]) -> None:
+        """Queue items before the thread starts, outside the backlog's bounds."""
+        self.queue.extend(items)
+
+    def offer(self, item: Any) -> bool:
+        """Queue an item; False if the subscriber fell too far behind (dropped)."""
         with self.cond:
             if self.closed:
                 return True
             if (len(self.queue) >= self.backlog
-                    or self.queued_bytes + event.size > self.backlog_bytes):
+                    or self.queued_bytes + item.size > self.backlog_bytes):
                 self.queue.clear()
                 self.queued_bytes = 0
-                self.queue.append(DROPPED)
+                self.queue.append(self._dropped_item)
                 self.dropped = True
                 self.closed = True
                 self.cond.notify()
                 return False
-            self.queue.append(event)
-            self.queued_bytes += event.size
+            self.queue.append(item)
+            self.queued_bytes += item.size
             self.cond.notify()
             return True
 
@@ -73,19 +81,36 @@ class _Subscriber:
             self.closed = True
             self.cond.notify()
 
-    def _deliver(self) -> None:
+    def deliver(self, item: Any) -> None:
+        """Hand one queued item to the callback (on the delivery thread)."""
+        self.callback(item)
+
+    def _run(self) -> None:
         while True:
             with self.cond:
                 while not self.queue and not self.closed:
                     self.cond.wait()
                 if not self.queue:
                     return
-                event = self.queue.popleft()
-                self.queued_bytes -= event.size
+                item = self.queue.popleft()
+                self.queued_bytes = max(0, self.queued_bytes - item.size)
             try:
-                self.callback(event if self.raw else event.to_dict())
+                self.deliver(item)
             except Exception:
-                log.exception("subscriber %d raised; event skipped", self.key)
+                log.exception("subscriber %d raised; item skipped", self.key)
+
+
+class _EventSubscriber(Subscriber):
+    """A subscriber of change events: the shared event itself if ``raw``, else a dict."""
+
+    def __init__(self, key: int, callback: Callable[[Any], None], raw: bool,
+                 backlog: int, backlog_bytes: int) -> None:
+        super().__init__(key, callback, backlog, backlog_bytes, dropped=DROPPED,
+                         name=f"housekeeping-subscriber-{key}")
+        self.raw = raw
+
+    def deliver(self, item: ChangeEvent) -> None:
+        self.callback(item if self.raw else item.to_dict())
 
 
 class EventHub:
@@ -94,7 +119,7 @@ class EventHub:
     def __init__(self, backlog: int, backlog_bytes: int) -> None:
         self._backlog = backlog
         self._backlog_bytes = backlog_bytes
-        self._subscribers: dict[int, _Subscriber] = {}
+        self._subscribers: dict[int, _EventSubscriber] = {}
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -109,11 +134,11 @@ class EventHub:
         return the function that unsubscribes it."""
         if not callable(callback):
             raise TypeError("callback must be callable")
-        subscriber = _Subscriber(next(self._keys), callback, raw, self._backlog,
-                                 self._backlog_bytes)
+        subscriber = _EventSubscriber(next(self._keys), callback, raw, self._backlog,
+                                      self._backlog_bytes)
         with self._lock:
             self._subscribers[subscriber.key] = subscriber
-        subscriber.thread.start()
+        subscriber.start()
 
         def unsubscribe() -> None:
             with self._lock:

@@ -23,6 +23,7 @@ from collections import deque
 
 from supervisor import reaper
 from supervisor.backend import Backend, Host, Launch, Outcome, Registration
+from supervisor.capture import OutputPipes
 from supervisor.children import DATA, EOF, ChildProcess, Shape, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import describe_exit
@@ -64,6 +65,7 @@ class LocalBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._running: dict[str, ChildProcess] = {}  # by task id
+        self._outputs: dict[str, OutputPipes] = {}  # of started tasks, until EOF
         self._by_token: dict[int, ChildProcess] = {}  # every child the starter forked
         self._warm: deque[ChildProcess] = deque()
         self._spawning: set[ChildProcess] = set()
@@ -145,11 +147,17 @@ class LocalBackend(Backend):
             for _ in range(self._warm_target - ahead):
                 token = next(self._tokens)
                 try:
-                    sock = self._starter.spawn(token, *shape)
+                    output = OutputPipes()
+                except OSError as exc:  # NOTE: out of descriptors: as a failed fork
+                    self._on_spawn_failed(SpawnFailed(token, f"no pipes: {exc}"))
+                    return
+                try:
+                    sock = self._starter.spawn(token, output, *shape)
                 except OSError:
+                    output.close()
                     return  # the starter is gone; _on_starter_died restarts it
                 child = ChildProcess(sock)
-                child.token, child.shape = token, shape
+                child.token, child.shape, child.output = token, shape, output
                 self._spawning.add(child)
                 self._by_token[token] = child
                 loop.add_reader(sock.fileno(), self._on_child_readable, child)
@@ -216,6 +224,7 @@ class LocalBackend(Backend):
             self._discard(child)
             return False
         child.task_id = launch.task_id
+        self._capture(child, launch.task_id)
         child.max_memory = registration.max_memory
         child.max_cpu_seconds = sandbox.max_cpu_seconds
         self._running[launch.task_id] = child
@@ -229,6 +238,30 @@ class LocalBackend(Backend):
         # NOTE: after the host recorded ACTIVE, not before (it is on the start path).
         asyncio.get_running_loop().call_soon(self._replenish)
         return True
+
+    def _capture(self, child: ChildProcess, task_id: str) -> None:
+        """Read the task process's stdout and stderr into its task's log until EOF."""
+        output = child.output
+        if output is None:
+            self.host.task_output_closed(task_id)
+            return
+        self._outputs[task_id] = output
+
+        def closed() -> None:
+            self._outputs.pop(task_id, None)
+            self.host.task_output_closed(task_id)
+
+        output.watch(lambda stream, data: self.host.task_output(task_id, stream, data),
+                     closed)
+
+    def _give_up_output(self, task_id: str) -> None:
+        """The task ended a while ago, yet a copy of its pipes is still open somewhere
+        (passed out of its tree): what comes later is not its output."""
+        output = self._outputs.get(task_id)
+        if output is not None:
+            log.warning("task %s: its output pipes were still open %g s after it ended",
+                        task_id, CONSTS.output_grace)
+            output.give_up()
 
     def _send(self, child: ChildProcess, message: object) -> bool:
         """Send to a task process without blocking; False if its pipe is broken."""
@@ -425,6 +458,12 @@ class LocalBackend(Backend):
         if not self._running:
             self._idle.set()
         child.close()
+        output = child.output
+        if output is not None and output.open:
+            output.drain()  # NOTE: its last lines are in the log when it is terminal
+            if output.open:
+                asyncio.get_running_loop().call_later(
+                    CONSTS.output_grace, self._give_up_output, child.task_id)
         if child.dynamic_uid is not None:
             # NOTE: its tree is gone (the pidfd fired and the starter reaped it).
             self._uids.give_back(child.dynamic_uid)
@@ -554,6 +593,8 @@ class LocalBackend(Backend):
         except (ValueError, OSError):
             pass
         self._by_token.pop(child.token, None)
+        if child.output is not None and child.task_id is None:
+            child.output.close()
         if child.dynamic_uid is not None:
             self._uids.give_back(child.dynamic_uid)  # NOTE: it never ran a task
             child.dynamic_uid = None
@@ -738,6 +779,10 @@ class LocalBackend(Backend):
                     except (ValueError, OSError):
                         pass
             child.close()
+            if child.output is not None and child.task_id is None:
+                child.output.close()
+        for output in list(self._outputs.values()):
+            output.give_up()  # NOTE: every tree is gone; what they wrote is read first
         self._warm.clear()
         self._spawning.clear()
         self._by_token.clear()

@@ -51,6 +51,9 @@ from supervisor.states import TaskState
 from supervisor.supervision import Supervision
 from supervisor.table import TaskTable
 from supervisor.task import EncodedCreate, ParsedCreate, Task
+from supervisor.tasklog import LineCallback
+
+DEFAULT_LOG_LIMIT = 1024 * 1024  #: bytes of output kept per task
 
 log = logging.getLogger("housekeeping.supervisor")
 
@@ -81,6 +84,7 @@ class Manager(Supervision):
         uid_range: the uids ``Sandbox(user="dynamic")`` hands out, first and
             last (default 61184-65519, systemd's DynamicUser range). For the
             default local backend.
+        log_limit: bytes of output kept per task (its newest lines; 1 MiB).
 
     Raises:
         ValueError: a limit is out of range.
@@ -98,6 +102,7 @@ class Manager(Supervision):
         backend: Backend | None = None,
         sandbox: Sandbox | None = None,
         uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
+        log_limit: int = DEFAULT_LOG_LIMIT,
     ) -> None:
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
@@ -118,6 +123,8 @@ class Manager(Supervision):
         if sandbox is not None and not isinstance(sandbox, Sandbox):
             raise TypeError(f"sandbox must be a supervisor.Sandbox, not {sandbox!r}")
         uid_range = check_uid_range(uid_range)
+        if not isinstance(log_limit, int) or isinstance(log_limit, bool) or log_limit < 1:
+            raise ValueError("log_limit must be an integer >= 1 (bytes)")
         self.sandbox = (sandbox or Sandbox()).effective()
         if self.sandbox.private_pids is False and (sandbox is None
                                                    or sandbox.private_pids is None):
@@ -128,6 +135,9 @@ class Manager(Supervision):
         self.max_queued = max_queued
         self.cancel_grace = float(cancel_grace)
         self.subreaper = subreaper
+        self.log_limit = log_limit
+        self._open_logs = {}
+        self._log_totals = {}
 
         self._lock = threading.Lock()
         self._table = TaskTable()
@@ -369,6 +379,80 @@ class Manager(Supervision):
                 self._loop_thread.call(self._cancel_running, task_id)
         log.info("task %s cancel requested", task_id)
 
+    def get_log(self, task_id: str, after: int = 0, limit: int | None = None,
+                ) -> dict[str, Any]:
+        """A task's captured output (stdout, stderr and logging of its processes).
+
+        Args:
+            after: return the lines with a larger ``seq`` (they count from 1).
+            limit: at most this many lines (None: all that are kept).
+
+        Returns:
+            ``{"lines": [{"seq", "time", "stream", "text"}, ...], "next": int,
+            "dropped": int, "complete": bool}``: ``next`` is the ``after`` to
+            pass next time (``after`` itself when there is nothing new),
+            ``dropped`` the lines discarded so far to keep the newest
+            ``log_limit`` bytes, ``complete`` true once the task is terminal and
+            its output has ended.
+
+        Raises:
+            TaskNotFound: the id is unknown or was purged.
+            ValueError: ``after`` or ``limit`` is out of range.
+        """
+        _check_count("after", after, 0)
+        if limit is not None:
+            _check_count("limit", limit, 1)
+        with self._lock:
+            task = self._table.get(task_id)
+            if task is None:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            task_log, terminal = task.log, task.terminal
+        if task_log is None:
+            return {"lines": [], "next": after, "dropped": 0, "complete": terminal}
+        # NOTE: closed is read before the lines: a log read complete has them all.
+        complete = terminal and task_log.closed
+        lines, after = task_log.read(after, limit)
+        return {"lines": lines, "next": after, "dropped": task_log.dropped,
+                "complete": complete and after >= task_log.next_seq - 1}
+
+    def subscribe_log(self, task_id: str, callback: LineCallback, *,
+                      after: int | None = None) -> Callable[[], None]:
+        """Deliver a task's log lines to ``callback`` as they come, in order, one line
+        dict per call (as in :meth:`get_log`), on a thread of its own.
+
+        With ``after``, the kept lines with a larger ``seq`` come first, so that
+        a reader misses nothing. The last call gets ``{"end": why, "next": N}``:
+        ``"complete"`` (the task is terminal and its output ended),
+        ``"purged"``, or ``"behind"`` (it fell more lines or bytes behind than
+        an event subscriber may; ``get_log(after=N)`` picks up where it was).
+
+        Returns:
+            A function that unsubscribes ``callback``.
+
+        Raises:
+            TaskNotFound: the id is unknown or was purged.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        if after is not None:
+            _check_count("after", after, 0)
+        with self._lock:
+            task = self._table.get(task_id)
+            if task is None:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            if task.log is None:
+                task.log = self._new_log()
+            task_log = task.log
+            unsubscribe = task_log.follow(callback, after)
+            if task.terminal and (task_log.closed or not task.started):
+                task_log.close(terminal=True)
+        return unsubscribe
+
+    def log_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Bytes of output captured and lines dropped, by (operation, stream), so far."""
+        with self._lock:
+            return {key: (totals[0], totals[1]) for key, totals in self._log_totals.items()}
+
     def subscribe(self, callback: Callback) -> Callable[[], None]:
         """Deliver every change event to ``callback``, in order, on a thread of its own.
 
@@ -429,6 +513,11 @@ class Manager(Supervision):
         tb: TracebackType | None,
     ) -> None:
         self.terminate()
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}")
 
 
 def _is_number(value: object) -> bool:

@@ -154,7 +154,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Spawn:
-    """Fork one warm process on the pipe end passed alongside (SCM_RIGHTS)."""
+    """Fork one warm process on the fds passed alongside (SCM_RIGHTS): its pipe end,
+    then the write ends of its stdout and stderr."""
 
     token: int = 0  #: named again by :class:`SpawnFailed` and :class:`Exited`
     private_pids: bool = False  #: fork it behind an init of a new PID namespace

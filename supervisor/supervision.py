@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -34,6 +35,7 @@ from supervisor.snapshot import ChangeEvent
 from supervisor.states import TaskState
 from supervisor.table import TaskTable
 from supervisor.task import Task
+from supervisor.tasklog import STREAMS, TaskLog
 
 log = logging.getLogger("housekeeping.supervisor")
 
@@ -72,6 +74,11 @@ class Supervision:
     _terminating: bool
     _backend: Backend
     _report_gates: dict[str, _ReportGate]
+    log_limit: int
+    #: the logs of started tasks whose output has not ended, by task id (loop thread)
+    _open_logs: dict[str, tuple[TaskLog, str]]
+    #: bytes captured and lines dropped, by (operation, stream), since the start
+    _log_totals: dict[tuple[str, str], list[int]]
 
     def _check_open(self) -> None:
         if self._terminating:
@@ -131,6 +138,10 @@ class Supervision:
                 started, broken = False, f"could not be started: {type(exc).__name__}: {exc}"
             with self._lock:
                 if started:
+                    task.started = True
+                    if task.log is None:
+                        task.log = self._new_log()
+                    self._open_logs[task_id] = (task.log, task.operation)
                     self._table.transition(task, TaskState.ACTIVE)
                     self._publish("PATCH", task)
                     continue
@@ -157,7 +168,53 @@ class Supervision:
         for task_id in failed:
             self._schedule_purge(task_id)
 
+    def _new_log(self) -> TaskLog:
+        return TaskLog(self.log_limit, CONSTS.subscriber_backlog,
+                       CONSTS.subscriber_backlog_bytes)
+
     # -- the Host side of the backend seam ----------------------------------
+
+    def task_output(self, task_id: str, stream: str, data: bytes,
+                    when: float | None = None) -> None:
+        """Take bytes a started task wrote on ``stream`` (``"stdout"``/``"stderr"``)."""
+        found = self._open_logs.get(task_id)
+        if found is None or not data:
+            return
+        task_log, operation = found
+        index = STREAMS.index(stream)
+        dropped = task_log.feed(index, data, time.time() if when is None else when)
+        self._count_output(operation, stream, len(data), dropped)
+
+    def task_output_lines(self, task_id: str, stream: str, texts: list[str],
+                          when: float) -> None:
+        """Take lines a started task wrote, already split (by a remote worker)."""
+        found = self._open_logs.get(task_id)
+        if found is None or not texts:
+            return
+        task_log, operation = found
+        dropped = task_log.append_lines(STREAMS.index(stream), texts, when)
+        self._count_output(operation, stream, sum(len(t) + 1 for t in texts), dropped)
+
+    def _count_output(self, operation: str, stream: str, size: int, dropped: int) -> None:
+        totals = self._log_totals.get((operation, stream))
+        if totals is None:
+            with self._lock:  # NOTE: a new key, while log_totals() may be iterating
+                totals = self._log_totals.setdefault((operation, stream), [0, 0])
+        totals[0] += size
+        totals[1] += dropped
+
+    def task_output_closed(self, task_id: str) -> None:
+        """A started task's output ended (every pipe closed, or given up on)."""
+        found = self._open_logs.pop(task_id, None)
+        if found is None:
+            return
+        task_log, operation = found
+        now = time.time()
+        for index, stream in enumerate(STREAMS):
+            self._count_output(operation, stream, 0, task_log.flush(index, now))
+        with self._lock:
+            task = self._table.get(task_id)
+            task_log.close(terminal=task is not None and task.terminal)
 
     def backend_changed(self) -> None:
         """Capacity or availability changed."""
@@ -271,6 +328,8 @@ class Supervision:
                 return
             self._table.remove(task_id)
             self._publish("DELETE", task)
+            if task.log is not None:
+                task.log.end("purged")
 
     def _cancel_running(self, task_id: str) -> None:
         if task_id in self._running:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.consts import CONSTS
 from supervisor.snapshot import Message, TaskSnapshot, progress_wire
 from supervisor.states import TaskState, can_transition, is_terminal
+
+if TYPE_CHECKING:
+    from supervisor.tasklog import TaskLog
 
 
 def utc_stamp(when: float | None = None) -> str:
@@ -40,6 +43,9 @@ class Task:
         #: the operation's animator and limits when the task was created (a
         #: later re-registration applies to later tasks only)
         self.registration: Any = None
+        #: its captured output: made when it starts (or when somebody follows it)
+        self.log: TaskLog | None = None
+        self.started = False  #: a backend took it: output comes until its pipes close
         self._snapshot: TaskSnapshot | None = None
 
     @property
@@ -69,6 +75,8 @@ class Task:
         self.note(f"State change {self.state.value} ⇒ {new.value}")
         self.state = new
         self.touch()
+        if self.log is not None and is_terminal(new) and (self.log.closed or not self.started):
+            self.log.close(terminal=True)  # NOTE: no output is on its way: followers end
 
     def set_progress(self, values: dict[str, int], timestamp: float) -> None:
         """Merge reported progress figures (already checked) and stamp them."""

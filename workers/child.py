@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import io
 import json
+import logging
 import os
 import pickle
 import resource
@@ -52,8 +54,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
-def run_warm_process(fd: int) -> int:
-    """Run one task process on pipe ``fd``; return its exit code."""
+def run_warm_process(fd: int, stdout: int, stderr: int) -> int:
+    """Run one task process on pipe ``fd``, writing to ``stdout`` and ``stderr`` (the
+    write ends of its output pipes); return its exit code."""
+    _capture_output(stdout, stderr)
     # NOTE: nothing of the starter (or an init) may reach the task: every
     # descriptor but the pipe and the standard streams is closed.
     os.closerange(3, fd)
@@ -81,6 +85,32 @@ def run_warm_process(fd: int) -> int:
         return EXIT_NO_TASK
 
 
+def _capture_output(stdout: int, stderr: int) -> None:
+    """Make the output pipes fd 1 and 2 (inherited by all the task starts), line-buffer
+    ``print``, and send ``logging`` records of INFO and above to stderr unless the
+    animator configures logging itself (``lastResort`` serves only then)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()  # NOTE: what the starter buffered is not the task's
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(line_buffering=True, errors="backslashreplace")
+    handler = logging.StreamHandler()  # NOTE: on sys.stderr, now fd 2
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.lastResort = handler
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def run_task(start: Start, conn: Connection) -> int:
     """Prepare the process for ``start``, run the animator, send the final report."""
     ops = TaskOps(json.loads(start.task_json), conn)
@@ -89,6 +119,7 @@ def run_task(start: Start, conn: Connection) -> int:
         final = _execute(start, ops)
     except Terminated as exc:
         final = Finished(TaskState.FAILED.value, reason=str(exc), error_type="Terminated")
+    _flush_output()  # NOTE: the process ends with os._exit, which flushes nothing
     ops.send_final(final)
     with contextlib.suppress(OSError):  # an animator may have closed it
         conn.close()

@@ -7,7 +7,8 @@ task process is never PID 1 itself (it keeps ordinary signal semantics: a task
 that kills or segfaults itself dies of it), and this init, as bubblewrap,
 tini and dumb-init do:
 
-* on each ``Spawn`` from the starter (its pipe end passed with SCM_RIGHTS),
+* on each ``Spawn`` from the starter (its pipe end, stdout and stderr passed
+  with SCM_RIGHTS),
   forks one warm task process, and forwards SIGTERM to it;
 * reaps every orphan re-parented to it (a task's daemons land here);
 * when the task process exits, kills everything else in the namespace
@@ -58,7 +59,7 @@ def run_init(ctl: socket.socket, private_network: bool) -> int:
     signal.signal(signal.SIGTERM, forward)
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 12, 1)
+            data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 12, 3)
         except OSError:
             return 0
         if not data:
@@ -67,32 +68,36 @@ def run_init(ctl: socket.socket, private_network: bool) -> int:
             request = decode(data)
         except ProtocolError:
             request = None
-        if not isinstance(request, Spawn) or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+        if not isinstance(request, Spawn) or len(fds) != 3:
+            _close(fds)
             continue
         try:
             task = os.fork()
         except OSError as exc:
             # NOTE: as in the starter: reported, and the manager backs off.
-            os.close(fds[0])
+            _close(fds)
             ctl.send(encode(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}")))
             continue
-        ctl.send(encode(Exited(0, _run_one(task, fds[0], ctl, current), request.token)))
+        ctl.send(encode(Exited(0, _run_one(task, fds, ctl, current), request.token)))
 
 
-def _run_one(task: int, fd: int, ctl: socket.socket, current: list[int]) -> int:
-    """Run the warm task process just forked on pipe ``fd`` (``task`` is 0 in it);
-    empty the namespace after it; return its exit code."""
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _run_one(task: int, fds: list[int], ctl: socket.socket, current: list[int]) -> int:
+    """Run the warm task process just forked on ``fds`` (its pipe, its stdout and
+    stderr; ``task`` is 0 in it); empty the namespace after it; return its exit code."""
     if task == 0:
         code = 70
         try:
             ctl.close()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = run_warm_process(fd)
+            code = run_warm_process(*fds)
         finally:
             os._exit(code)
-    os.close(fd)
+    _close(fds)
     current.append(task)
     status: int | None = None
     while True:

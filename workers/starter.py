@@ -98,24 +98,22 @@ class Starter:
         self._own_pid_namespace: int | None = None
         self._generation = 0  #: Preloads so far: an init forked before one lacks its modules
 
-    def spawn(self, request: Spawn, fd: int) -> None:
-        """Fork one warm process on pipe end ``fd``; report a failed fork, never die of it."""
-        if request.private_pids:
-            try:
-                self._spawn_in_namespace(request, fd)
-            except OSError as exc:
-                self.send(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}"))
-            finally:
-                os.close(fd)
-            return
+    def spawn(self, request: Spawn, fds: list[int]) -> None:
+        """Fork one warm process on ``fds`` (its pipe end, then the write ends of its
+        stdout and stderr); report a failed fork, never die of it."""
         try:
+            if request.private_pids:
+                self._spawn_in_namespace(request, fds)
+                return
             pid = os.fork()
         except OSError as exc:
             # NOTE: EAGAIN or ENOMEM (a task may exhaust the process limit); the
             # parent retries with back-off, and the tasks running now go on.
-            os.close(fd)
             self.send(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}"))
             return
+        finally:
+            if request.private_pids:
+                _close(fds)
         if pid == 0:
             code = 70
             try:
@@ -123,14 +121,14 @@ class Starter:
                 if request.private_network:
                     unshare(CLONE_NEWNET)
                     loopback_up()
-                code = run_warm_process(fd)
+                code = run_warm_process(*fds)
             finally:
                 os._exit(code)
-        os.close(fd)
+        _close(fds)
         self.known[pid] = _Known(request.token)
 
-    def _spawn_in_namespace(self, request: Spawn, fd: int) -> None:
-        """Hand ``fd`` to an idle init of the right kind (made now if there is none).
+    def _spawn_in_namespace(self, request: Spawn, fds: list[int]) -> None:
+        """Hand ``fds`` to an idle init of the right kind (made now if there is none).
 
         NOTE: an init is PID 1 of a namespace that outlives its tasks: it forks
         one warm process at a time and empties the namespace after each, so
@@ -141,15 +139,15 @@ class Starter:
                     and known.private_network == request.private_network
                     and known.generation == self._generation), None)
         if pid is None:
-            pid = self._new_init(request.private_network, fd)
+            pid = self._new_init(request.private_network, fds)
         known = self.known[pid]
         assert known.init is not None
-        socket.send_fds(known.init, [encode(Spawn(request.token))], [fd])
+        socket.send_fds(known.init, [encode(Spawn(request.token))], fds)
         known.token = request.token
 
-    def _new_init(self, private_network: bool, pending: int) -> int:
-        """Fork the init of a new PID namespace; return its pid (``pending``: an fd the
-        init must not keep; it gets its own copy with its first Spawn)."""
+    def _new_init(self, private_network: bool, pending: list[int]) -> int:
+        """Fork the init of a new PID namespace; return its pid (``pending``: fds the
+        init must not keep; it gets its own copies with its first Spawn)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             if self._own_pid_namespace is None:
@@ -170,7 +168,7 @@ class Starter:
             try:
                 self._become_child()
                 ours.close()
-                os.close(pending)
+                _close(pending)
                 code = run_init(theirs, private_network)
             finally:
                 os._exit(code)
@@ -312,6 +310,11 @@ class Starter:
             pass
 
 
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def _exitcode(status: int) -> int:
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
@@ -366,12 +369,10 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
         message = decode(data)
     except ProtocolError:
         message = None  # the parent is ours; nothing else can write here
-    if isinstance(message, Spawn):
-        for fd in fds:
-            starter.spawn(message, fd)
+    if isinstance(message, Spawn) and len(fds) == 3:
+        starter.spawn(message, fds)
     else:
-        for fd in fds:
-            os.close(fd)
+        _close(fds)
     if isinstance(message, Ping):
         starter.send(Pong(message.seq))
     elif isinstance(message, Preload):
