@@ -46,6 +46,7 @@ from supervisor.protocol import (
     check_result_json,
 )
 from supervisor.states import TaskState
+from supervisor.tasklog import STREAMS
 from workers.remote import run_task_on_worker
 
 log = logging.getLogger("housekeeping.dask")
@@ -59,6 +60,8 @@ _PROGRESS_NAMES = {
 _STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
 #: Seconds the outcome of a task waits for reports its worker sent before it.
 REPORTS_WAIT = 2.0
+#: Log lines taken from one report (the worker sends at most LOG_BATCH_LINES).
+_MAX_LOG_BATCH = 10_000
 #: Seconds ``terminate()`` waits, beyond ``cancel_grace``, for the workers to
 #: report the end of the tasks it canceled (kill and report take well under 1 s).
 SHUTDOWN_SLACK = 5.0
@@ -292,12 +295,39 @@ class DaskBackend(Backend):
             reports.append(StateChanged(str(message["state"])))
         if "progress" in message:
             reports.append(_progress(message["progress"]))
+        self._take_log(task_id, message.get("log"))
         for report in reports:
             error = self.host.task_message(task_id, report)
             if error is not None:
                 log.error("task %s: bad report from the Dask worker: %s", task_id, error)
         if remote.outcome is not None and remote.received >= remote.expected:
             self._finish(task_id)
+
+    def _take_log(self, task_id: str, lines: Any) -> None:
+        """Hand a batch of the worker's log lines (``[[stream, time, text], ...]``) to
+        the host, consecutive lines of one stream and time together."""
+        if not isinstance(lines, list | tuple):  # NOTE: msgpack may hand back tuples
+            return
+        run: list[str] = []
+        key: tuple[str, str] | None = None
+        for line in lines[:_MAX_LOG_BATCH]:
+            if not (isinstance(line, list | tuple) and len(line) == 3
+                    and line[0] in STREAMS and all(isinstance(x, str) for x in line)):
+                continue
+            if (line[0], line[1]) != key:
+                self._log_run(task_id, key, run)
+                key, run = (line[0], line[1]), []
+            run.append(line[2])
+        self._log_run(task_id, key, run)
+
+    def _log_run(self, task_id: str, key: tuple[str, str] | None, texts: list[str]) -> None:
+        if key is None or not texts:
+            return
+        try:
+            when = datetime.datetime.fromisoformat(key[1]).timestamp()
+        except ValueError:
+            when = time.time()
+        self.host.task_output_lines(task_id, key[0], texts, when)
 
     def _on_done(self, task_id: str, future: Any) -> None:
         """The Dask future is done (on Dask's callback thread): fetch the outcome."""
@@ -386,6 +416,7 @@ class DaskBackend(Backend):
             with self._orphans_lock:
                 self._orphans.append(remote.names[0])
         self.host.task_finished(task_id, outcome)
+        self.host.task_output_closed(task_id)  # NOTE: its lines came before its outcome
 
     def _set_unavailable(self, reason: str | None) -> None:
         """The scheduler went away (fail running tasks, refuse new) or came back."""

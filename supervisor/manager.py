@@ -264,9 +264,12 @@ class Manager(Supervision):
         """
         return self._create_task(create)
 
-    def _create_task(self, create: dict[str, Any], task_id: str | None = None) -> str:
+    def _create_task(self, create: dict[str, Any], task_id: str | None = None,
+                     log_callback: LineCallback | None = None) -> str:
         """run_task(), with the id chosen by the caller if it is free (remote runs keep
-        the supervisor's id, so an animator sees the same task on either backend)."""
+        the supervisor's id, so an animator sees the same task on either backend),
+        and ``log_callback`` following its log from the start (a remote run forwards
+        it: with ``purge_delay=0`` a task may be gone before a later subscribe)."""
         encoded = _check_create(create)  # NOTE: encodes args once, outside the lock
         with self._lock:
             self._check_open()
@@ -293,6 +296,9 @@ class Manager(Supervision):
                 task_id = self._table.new_id(create["operation"])
             task = Task(task_id, create, encoded)
             task.registration = registration
+            if log_callback is not None:
+                task.log = self._new_log()
+                task.log.follow(log_callback, 0)
             self._table.add(task)
             self._queue.append(task.id)
             self._publish("POST", task)

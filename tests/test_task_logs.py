@@ -279,3 +279,31 @@ def test_every_line_is_kept_or_counted_and_the_newest_fit(
     # every kept line decodes one written line (or a 16 KiB piece of it)
     decoded = {bytes_.decode("utf-8", "replace") for bytes_ in expected}
     assert all(line["text"] in decoded for line in lines)
+
+
+# -- on either backend -------------------------------------------------------------------
+
+
+def test_the_same_log_api_answers_on_either_backend(backend_manager: Any) -> None:
+    """On Dask the worker captures the same way and forwards its lines in batches."""
+    m = backend_manager()
+    m.register_animator("CHATTY", la.Chatty())
+    m.register_animator("PRINTER", la.Printer())
+    task_id = m.run_task({"operation": "CHATTY"})
+    assert wait_terminal(m, task_id)["state"] == "SUCCEEDED"
+    log = complete_log(m, task_id)
+    assert sorted(texts(log)) == sorted([
+        ("stdout", "out 1"), ("stdout", "out 2"), ("stdout", "from a program"),
+        ("stdout", "no newline at the end"), ("stderr", "err 1"),
+        ("stderr", "INFO chatty.part: info record"), ("stderr", "program err")])
+    assert [line["text"] for line in log["lines"] if line["stream"] == "stdout"] == [
+        "out 1", "out 2", "from a program", "no newline at the end"]
+    # a line of a running task arrives before it ends
+    running = m.run_task({"operation": "PRINTER"})
+    got: queue.Queue[dict[str, Any]] = queue.Queue()
+    m.subscribe_log(running, got.put, after=0)
+    assert got.get(timeout=30)["text"] == "first line"
+    assert m.get_task(running)["state"] == "ACTIVE"
+    m.cancel_task(running)
+    assert got.get(timeout=30)["text"] == "canceled, bye"
+    assert got.get(timeout=30)["end"] == "complete"

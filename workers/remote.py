@@ -15,6 +15,7 @@ its ``timeout``, ``max_memory``, crash detection and whole-tree kill.
     Event(cancel).set() ──────▶ event ◀── wait ────────── a thread per task ── cancel_task
     Variable(lease).set(n) ───▶ lease ◀── get ─────────── a thread per lease (lost → kill)
     subscribe_topic ◀───────── log_event ◀────────────── forwarder ◀── local events
+                                                           (and log lines, batched)
     future.result() ◀───────── outcome ◀──────────────── return {"state", ...}
 
 Reports are the local task's change events, already coalesced by the child
@@ -50,6 +51,13 @@ CANCEL_POLL = 0.25
 LEASE_POLL = 1.0
 #: Worker states in which its tasks are killed at once (it left the cluster).
 _WORKER_GONE = frozenset({"closing", "closed", "failed"})
+#: Log lines are sent in batches of at most this much text, this many lines, and
+#: at most this long after a batch's first line.
+LOG_BATCH_BYTES = 64 * 1024
+LOG_BATCH_LINES = 1000
+LOG_BATCH_DELAY = 0.1
+#: How long a task's outcome waits on the worker for the end of its log.
+LOG_END_WAIT = 5.0
 #: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
 _LOCAL_SLOTS = 256
 
@@ -64,14 +72,17 @@ class _Forwarder:
         self.final: dict[str, Any] | None = None
         self.done = threading.Event()
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
+        self.log = _LogBatcher(self.send)
         self._version = 0
         self._messages: list[dict[str, str]] = []
         self._state = TaskState.NEW.value
         self._progress: dict[str, Any] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
-        self._send({"t": self.task_id, "n": self.sent, **message})
-        self.sent += 1
+        with self._sending:  # NOTE: events and log lines come on threads of their own
+            self._send({"t": self.task_id, "n": self.sent, **message})
+            self.sent += 1
 
     def lost(self, reason: str) -> None:
         """End without the task's last events (they were dropped on this worker)."""
@@ -118,6 +129,49 @@ class _Forwarder:
             message["progress"] = progress
         if message:
             self.send(message)
+
+
+class _LogBatcher:
+    """Sends one local task's log lines to the supervisor in batches, in order.
+
+    A batch goes when it holds ``LOG_BATCH_BYTES`` of text or ``LOG_BATCH_LINES``
+    lines, ``LOG_BATCH_DELAY`` after its first line, and at the end of the log.
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._batch: list[list[str]] = []
+        self._bytes = 0
+        self._timer: threading.Timer | None = None
+        self.ended = threading.Event()
+
+    def on_line(self, line: dict[str, Any]) -> None:
+        """The local log's follower (its own thread): a line, or the end."""
+        if "end" in line:
+            self.flush()
+            self.ended.set()
+            return
+        with self._lock:
+            self._batch.append([line["stream"], line["time"], line["text"]])
+            self._bytes += len(line["text"])
+            full = self._bytes >= LOG_BATCH_BYTES or len(self._batch) >= LOG_BATCH_LINES
+            if not full and self._timer is None:
+                self._timer = threading.Timer(LOG_BATCH_DELAY, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._batch, self._bytes = self._batch, [], 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            # NOTE: sent under the lock, so that batches keep their order
+            if batch:
+                self._send({"log": batch})
 
 
 def _new_messages(
@@ -205,7 +259,8 @@ class _Local:
                     spec["operation"], animator, spec["timeout"], spec["max_memory"],
                     sandbox=Sandbox(**spec["sandbox"]),
                 )
-                created = self.manager._create_task(spec["create"], local_id)
+                created = self.manager._create_task(spec["create"], local_id,
+                                                    log_callback=forwarder.log.on_line)
             except BaseException:
                 self.forget(local_id, forwarder)
                 raise
@@ -300,6 +355,9 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 "result_json": None, "sent": forwarder.sent}
     try:
         _watch(spec, worker, client, local, local_id, forwarder)
+        # NOTE: its last lines go before the outcome, so that they are counted in "sent"
+        forwarder.log.ended.wait(LOG_END_WAIT)
+        forwarder.log.flush()
     finally:
         local.forget(local_id, forwarder)
     assert forwarder.final is not None
