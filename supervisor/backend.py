@@ -49,6 +49,8 @@ class Registration:
     #: as it applies on this machine (:meth:`~supervisor.sandbox.Sandbox.effective`)
     sandbox: Sandbox = field(default_factory=lambda: Sandbox(private_pids=False))
     module: str | None = None  #: the animator's module, unless it is ``__main__``
+    #: as asked for, before this machine resolved it: what a remote machine applies
+    requested_sandbox: Sandbox | None = None
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,8 @@ class DaskBackend(Backend):
             "animator": registration.pickled,
             "timeout": registration.timeout,
             "max_memory": registration.max_memory,
-            "sandbox": registration.sandbox.to_dict(),
+            # NOTE: as asked for: the worker's machine decides what it can apply
+            "sandbox": (registration.requested_sandbox or registration.sandbox).to_dict(),
             "cancel_grace": self.host.cancel_grace,
             "topic": self._topic,
             "cancel": remote.names[0],

@@ -79,7 +79,8 @@ class LocalBackend(Backend):
         self._starter_failures = 0
         self._starter_fault: str | None = None  # why we killed the starter, if we did
         self._tokens = itertools.count(1)
-        self._spawn_failures = 0  # forks in a row that failed (EAGAIN, ENOMEM)
+        #: forks in a row that failed (EAGAIN, ENOMEM), by shape
+        self._spawn_failures: dict[Shape, int] = {}
         self._spawn_paused = False  # waiting out the back-off after a failed fork
         self._pings = itertools.count(1)
         self._ping: tuple[int, asyncio.TimerHandle] | None = None  # unanswered ping
@@ -149,7 +150,7 @@ class LocalBackend(Backend):
                 try:
                     output = OutputPipes()
                 except OSError as exc:  # NOTE: out of descriptors: as a failed fork
-                    self._on_spawn_failed(SpawnFailed(token, f"no pipes: {exc}"))
+                    self._on_spawn_failed(SpawnFailed(token, f"no pipes: {exc}"), shape)
                     return
                 try:
                     sock = self._starter.spawn(token, output, *shape)
@@ -162,13 +163,20 @@ class LocalBackend(Backend):
                 self._by_token[token] = child
                 loop.add_reader(sock.fileno(), self._on_child_readable, child)
 
-    def _on_spawn_failed(self, failed: SpawnFailed) -> None:
-        """The starter could not fork: forget that process, retry after a back-off."""
+    def _on_spawn_failed(self, failed: SpawnFailed, shape: Shape | None = None) -> None:
+        """The starter could not fork: forget that process, retry after a back-off.
+
+        The back-off grows with the failures in a row of the process's shape, so
+        that a shape that cannot come up (its namespace refused) is not retried
+        at the shortest delay because another shape's processes come up fine.
+        """
         for child in list(self._spawning):
             if child.token == failed.token:
+                shape = child.shape
                 self._discard(child, replenish=False)
-        self._spawn_failures += 1
-        delay = min(CONSTS.spawn_retry_max, CONSTS.spawn_retry * 2 ** (self._spawn_failures - 1))
+        key = shape or (False, False)
+        failures = self._spawn_failures[key] = self._spawn_failures.get(key, 0) + 1
+        delay = min(CONSTS.spawn_retry_max, CONSTS.spawn_retry * 2 ** (failures - 1))
         log.warning("the starter could not fork a task process (%s); retrying in %.2f s",
                     failed.error, delay)
         if not self._spawn_paused:
@@ -196,15 +204,17 @@ class LocalBackend(Backend):
         registration = launch.registration
         sandbox = registration.sandbox
         shape = _shape(sandbox)
-        child = next(c for c in self._warm if c.shape == shape)
-        self._warm.remove(child)
         uid = gid = None
         if sandbox.user == DYNAMIC:
             uid = gid = self._reserved_uid
             self._reserved_uid = None
             assert uid is not None, "can_start reserves a uid"
         elif sandbox.user is not None:
+            # NOTE: before a warm process is taken: a user deleted since the
+            # registration fails this task (the host records why), and leaks nothing.
             uid, gid = resolve_user(sandbox.user)
+        child = next(c for c in self._warm if c.shape == shape)
+        self._warm.remove(child)
         start = Start(
             task_json=launch.task_json,
             animator=registration.pickled,
@@ -354,7 +364,7 @@ class LocalBackend(Backend):
             self._protocol_violation(child, "a second Ready")
             return
         child.pid = ready.pid
-        self._spawn_failures = 0
+        self._spawn_failures.pop(child.shape, None)
         self._spawning.discard(child)
         try:
             child.pidfd = os.pidfd_open(ready.pid)
@@ -393,6 +403,12 @@ class LocalBackend(Backend):
         empty (stopped or traced by something the task left, say): SIGKILL the init;
         the kernel then kills everything in the namespace and the starter reaps it."""
         if child.reaped or child.init_pidfd is None:
+            return
+        if self._ping is not None:
+            # NOTE: the starter itself has not answered yet (busy with a Preload,
+            # say): the report may wait there, and a hung starter is found anyway.
+            child.timers.append(asyncio.get_running_loop().call_later(
+                CONSTS.starter_ping_interval, self._init_overdue, child))
             return
         log.error("task %s: the init of its PID namespace did not report within %g s "
                   "after the task process exited; killing the namespace",
@@ -434,7 +450,7 @@ class LocalBackend(Backend):
             self._discard(child, replenish=False)
             self._on_spawn_failed(SpawnFailed(
                 exited.token, f"the warm process ended (exit code {exited.exitcode}) "
-                "before it was ready"))
+                "before it was ready"), child.shape)
             return
         child.reaped = True
         child.exitcode = exited.exitcode
@@ -717,6 +733,9 @@ class LocalBackend(Backend):
     async def shutdown(self) -> None:
         """Steps 2-4 of terminate() for this machine; step 4 runs whatever happens."""
         self._stopping = True
+        if self._reserved_uid is not None:
+            self._uids.give_back(self._reserved_uid)
+            self._reserved_uid = None
         try:
             await self._end_tasks()
         finally:

@@ -125,7 +125,8 @@ class Manager(Supervision):
         uid_range = check_uid_range(uid_range)
         if not isinstance(log_limit, int) or isinstance(log_limit, bool) or log_limit < 1:
             raise ValueError("log_limit must be an integer >= 1 (bytes)")
-        self.sandbox = (sandbox or Sandbox()).effective()
+        self._requested_sandbox = sandbox or Sandbox()
+        self.sandbox = self._requested_sandbox.effective()
         if self.sandbox.private_pids is False and (sandbox is None
                                                    or sandbox.private_pids is None):
             log.warning("tasks run without a PID namespace (this process may not make "
@@ -216,7 +217,8 @@ class Manager(Supervision):
         if module == "__main__":
             main_path = getattr(sys.modules["__main__"], "__file__", None)
         registration = Registration(animator, pickled, main_path, timeout, max_memory,
-                                    effective, None if module == "__main__" else module)
+                                    effective, None if module == "__main__" else module,
+                                    sandbox or self._requested_sandbox)
         with self._lock:
             self._check_open()
             self._animators[operation] = registration

@@ -55,6 +55,30 @@ _PROBE = (
 )
 
 
+_NETWORK_PROBE = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "sys.exit(0 if libc.unshare(0x40000000) == 0 else 1)\n"  # CLONE_NEWNET
+)
+
+
+@functools.cache
+def network_namespaces_permitted() -> bool:
+    """Tell whether this process may make network namespaces (probed once, in a child),
+    so that ``private_network`` is refused at registration rather than failing every
+    fork of its warm processes."""
+    return pid_namespaces_permitted() and _probe(_NETWORK_PROBE)
+
+
+def _probe(code: str) -> bool:
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", code],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
 @functools.cache
 def pid_namespaces_permitted() -> bool:
     """Tell whether this process may make PID namespaces (probed once, in a child).
@@ -65,12 +89,7 @@ def pid_namespaces_permitted() -> bool:
     """
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         return False
-    try:
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    return _probe(_PROBE)
 
 
 @dataclass(frozen=True)
@@ -148,9 +167,9 @@ class Sandbox:
             raise InvalidAnimator(
                 "private_pids=True: this process may not make PID namespaces "
                 "(it needs root with CAP_SYS_ADMIN)")
-        if self.private_network and not permitted:
+        if self.private_network and not network_namespaces_permitted():
             raise InvalidAnimator(
-                "private_network=True: this process may not make namespaces "
+                "private_network=True: this process may not make network namespaces "
                 "(it needs root with CAP_SYS_ADMIN)")
         if self.user is not None:
             if os.geteuid() != 0:
@@ -247,10 +266,14 @@ class UidPool:
         for _ in range(len(self._free)):
             uid = self._free.popleft()
             locked, fd = self._lock(uid)
-            if locked:
+            if locked and not _uid_runs(uid):
                 self._taken[uid] = fd
                 return uid
-            self._free.append(uid)  # NOTE: another supervisor's task holds it
+            if fd is not None:
+                os.close(fd)
+            # NOTE: another supervisor's task holds it, or a process of it still runs
+            # (say, one that escaped when a starter died): never two tasks on one uid.
+            self._free.append(uid)
         return None
 
     def give_back(self, uid: int) -> None:
@@ -274,14 +297,34 @@ class UidPool:
                 self._locking = False
         if not self._locking:
             return True, None
-        fd = os.open(os.path.join(self._lock_dir, str(uid)),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(os.path.join(self._lock_dir, str(uid)),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # NOTE: out of descriptors, say: this uid is not had now
+            log.warning("cannot lock dynamic uid %d: %s", uid, exc)
+            return False, None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return False, None
         return True, fd
+
+
+def _uid_runs(uid: int) -> bool:
+    """True if a process of ``uid`` is alive (the owner of ``/proc/PID`` is its euid)."""
+    try:
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if entry.name.isdigit():
+                    try:
+                        if entry.stat().st_uid == uid:
+                            return True
+                    except OSError:
+                        continue  # NOTE: it just exited
+    except OSError:
+        return False
+    return False
 
 
 def check_uid_range(uid_range: Any) -> tuple[int, int]:

@@ -260,3 +260,15 @@ class Environment(Animator):
 
     def execute(self, ops: Any) -> Any:
         return {"names": sorted(os.environ), "home": os.environ.get("HOME")}
+
+
+class ExitThreeWhenTold(Animator):
+    """Say ``ready``, wait for the file ``args.gate`` (bounded), leave with code 3 and
+    no report."""
+
+    def execute(self, ops: Any) -> Any:
+        ops.message("ready")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(_args(ops)["gate"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(3)

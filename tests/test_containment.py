@@ -14,6 +14,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,3 +386,83 @@ def test_two_supervisors_never_share_a_dynamic_uid(manager: Any) -> None:
     again = second.run_task({"operation": "ID"})  # NOTE: a change that makes it dispatch
     assert wait_terminal(second, waiting)["result"]["uid"] == 62030
     assert wait_terminal(second, again)["result"]["uid"] == 62030
+
+
+# -- review fixes: the init, the uid pool, the start path ----------------------------------
+
+
+@needs_namespaces
+def test_a_task_that_ends_while_the_starter_imports_keeps_its_exit_code(
+        manager: Any, shared_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The init reports at once, but the starter reads it only after a Preload of
+    seconds: the init is not taken for hung (it used to be SIGKILLed after 2 s, and
+    the task's exit code 3 could be lost to the init's -9)."""
+    m = manager(sandbox=Sandbox(private_pids=True))
+    m.register_animator("EXIT3", ca.ExitThreeWhenTold())
+    gate = shared_dir / "gate"
+    task_id = m.run_task({"operation": "EXIT3", "args": {"gate": str(gate)}})
+    wait_for(lambda: "ready" in message_texts(m.get_task(task_id)))
+    import slow_import  # NOTE: imported here first (seconds), then by the starter
+
+    m.register_animator("SLOW", slow_import.Imported())  # NOTE: returns; the starter imports
+    gate.touch()
+    task = wait_terminal(m, task_id)
+    assert not [r for r in caplog.records if "did not report" in r.getMessage()]
+    assert task["state"] == "FAILED"
+    assert any("with code 3" in text for text in message_texts(task)), message_texts(task)
+
+
+@needs_root
+def test_a_dynamic_uid_with_a_live_process_is_not_handed_out(tmp_path: Path) -> None:
+    from supervisor.sandbox import UidPool
+
+    uid = 65000
+    pid = os.fork()
+    if pid == 0:  # NOTE: a process of that uid, as an escaped orphan would be
+        try:
+            os.setresuid(uid, uid, uid)
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        wait_for(lambda: os.stat(f"/proc/{pid}").st_uid == uid)
+        pool = UidPool(uid, uid, lock_dir=str(tmp_path))
+        assert pool.take() is None
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert pool.take() == uid
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_a_uid_lock_that_cannot_be_opened_means_not_free(tmp_path: Path) -> None:
+    from supervisor.sandbox import UidPool
+
+    (tmp_path / "65001").mkdir()  # NOTE: the lock file cannot be opened read-write
+    pool = UidPool(65001, 65001, lock_dir=str(tmp_path))
+    assert pool.take() is None
+
+
+@needs_root
+def test_a_user_gone_since_registration_fails_the_task_and_leaks_no_process(
+        manager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import supervisor.local
+
+    m = manager(max_workers=1)
+    m.register_animator("QUICK", ca.animators.Quick(), sandbox=Sandbox(user="nobody"))
+    backend = m._backend
+    wait_for(lambda: len(backend._warm) >= 1)
+    warm = len(backend._warm) + len(backend._spawning)
+
+    def gone(user: object) -> tuple[int, int]:
+        raise KeyError(f"no such user: {user!r}")
+
+    monkeypatch.setattr(supervisor.local, "resolve_user", gone)
+    task = wait_terminal(m, m.run_task({"operation": "QUICK"}))
+    assert task["state"] == "FAILED" and "no such user" in " ".join(message_texts(task))
+    # the warm process it did not take is still there, not lost from sight
+    assert len(backend._warm) + len(backend._spawning) == warm

@@ -229,6 +229,21 @@ class Starter:
         else:
             self.send(Exited(pid, message.exitcode, message.token))
 
+    def _unread_exit(self, known: _Known, code: int) -> int:
+        """The exit code in an init's ``Exited`` still unread on its socket, else ``code``."""
+        assert known.init is not None
+        for _ in range(8):  # NOTE: bounded; an init sends one report per task
+            try:
+                data = known.init.recv(1 << 12)
+                message = decode(data) if data else None
+            except (OSError, ProtocolError):
+                return code
+            if message is None:
+                return code
+            if isinstance(message, Exited) and message.token == known.token:
+                return message.exitcode
+        return code
+
     def retire_inits(self) -> None:
         """After a Preload: idle inits exit now, busy ones after their task (they would
         fork task processes without the new modules, importing them at every task)."""
@@ -260,9 +275,14 @@ class Starter:
                 break
             known = self.known.pop(pid, None)
             if known is not None:
+                code = _exitcode(status)
+                if known.init is not None and known.token:
+                    # NOTE: an init that reported, then died (killed as overdue,
+                    # say): its report has the task process's own exit code.
+                    code = self._unread_exit(known, code)
                 self._forget_init(known)
                 if known.token:  # NOTE: an idle init has no task to report
-                    self.exits.append(Exited(pid, _exitcode(status), known.token))
+                    self.exits.append(Exited(pid, code, known.token))
                 reaped_known = True
         if reaped_known:
             self.kill_orphans()
