@@ -98,6 +98,9 @@ class Host(Protocol):
     def backend_changed(self) -> None:
         """Capacity or availability changed: dispatch queued tasks (or fail them)."""
 
+    def task_running(self, task_id: str) -> None:
+        """A started task's process runs now (NEW ⇒ ACTIVE; see ``starts_running``)."""
+
     def task_output(self, task_id: str, stream: str, data: bytes,
                     when: float | None = None) -> None:
         """Take bytes a started task's processes wrote on ``"stdout"`` or ``"stderr"``
@@ -117,6 +120,10 @@ class Backend(abc.ABC):
     """Where tasks run: start, cancel, kill, reap, and report back to the host."""
 
     _host: Host | None = None
+    #: True: a task is running (ACTIVE) once :meth:`start` took it. False: it stays
+    #: NEW until the backend calls ``host.task_running`` (its process runs remotely,
+    #: later), or any report of it comes.
+    starts_running = True
 
     @property
     def host(self) -> Host:

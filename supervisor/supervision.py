@@ -142,8 +142,9 @@ class Supervision:
                     if task.log is None:
                         task.log = self._new_log()
                     self._open_logs[task_id] = (task.log, task.operation)
-                    self._table.transition(task, TaskState.ACTIVE)
-                    self._publish("PATCH", task)
+                    if self._backend.starts_running:
+                        self._table.transition(task, TaskState.ACTIVE)
+                        self._publish("PATCH", task)
                     continue
                 self._running.discard(task_id)
                 if broken is None and not task.cancel_requested:
@@ -220,6 +221,19 @@ class Supervision:
         """Capacity or availability changed."""
         self._dispatch()
 
+    def task_running(self, task_id: str) -> None:
+        """A started task's process runs now (for a backend that does not start
+        tasks running at once): NEW becomes ACTIVE."""
+        with self._lock:
+            self._run(task_id)
+
+    def _run(self, task_id: str) -> None:
+        """NEW ⇒ ACTIVE for a started task (caller holds the lock)."""
+        task = self._table.get(task_id)
+        if task is not None and task.state is TaskState.NEW and task_id in self._running:
+            self._table.transition(task, TaskState.ACTIVE)
+            self._publish("PATCH", task)
+
     def task_message(self, task_id: str, message: Report) -> str | None:
         """Take one report of a running task (ignored once it is terminal).
 
@@ -248,6 +262,7 @@ class Supervision:
                 return f"bad state {message.state!r}"[:200]
             self._flush_reports(task_id)
             with self._lock:
+                self._run(task_id)  # NOTE: a report says it runs
                 task = self._table.get(task_id)
                 new = TaskState(message.state)
                 if task is not None and not task.terminal and new is not task.state:
@@ -280,6 +295,7 @@ class Supervision:
         gate.pending.clear()
         gate.values = {}
         with self._lock:
+            self._run(task_id)  # NOTE: a report says it runs
             task = self._table.get(task_id)
             if task is None or task.terminal:
                 return
@@ -298,6 +314,8 @@ class Supervision:
         with self._lock:
             self._running.discard(task_id)
             task = self._table.get(task_id)
+            if outcome.state is TaskState.SUCCEEDED:
+                self._run(task_id)  # NOTE: it ran, though no report said so in time
             if task is not None and not task.terminal:
                 if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
                     task.result_json = outcome.result_json.encode("ascii")
