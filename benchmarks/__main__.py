@@ -30,6 +30,7 @@ BENCHMARKS = {
     "dask": "benchmarks.dask_backend",
     "hostile": "benchmarks.hostile",
     "sandbox": "benchmarks.sandbox",
+    "output": "benchmarks.task_output",
 }
 #: Hard time limit of one benchmark (seconds): quick, full.
 LIMITS = {"quick": 60.0, "full": 300.0}

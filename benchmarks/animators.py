@@ -8,8 +8,10 @@ processes and forkserver children import it.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -269,4 +271,78 @@ def flood_nothing(conn: Connection, n: int) -> None:
         set_progress(percent_complete=i * 100 // n, transferred_bytes=i)
     last = time.monotonic()
     conn.send(("done", last - wall, time.process_time() - cpu, last))
+    conn.close()
+
+
+# -- task output -----------------------------------------------------------------
+
+#: Every line the output benchmark writes, its "\n" included.
+OUTPUT_LINE_BYTES = 100
+#: Bytes per ``os.write()`` of the chunked case.
+OUTPUT_CHUNK_BYTES = 64 * 1024
+
+
+def output_period() -> bytes:
+    """Numbered 100-byte lines, as many as fill a whole number of 64 KiB chunks
+    (16,384 lines: every chunk starts where the last ended, every line is whole)."""
+    count = math.lcm(OUTPUT_LINE_BYTES, OUTPUT_CHUNK_BYTES) // OUTPUT_LINE_BYTES
+    body = b"x" * (OUTPUT_LINE_BYTES - 10)
+    return b"".join(b"%08d %s\n" % (i, body) for i in range(count))
+
+
+def write_output(fd: int, mib: int, per_line: bool, seconds: float) -> dict[str, float]:
+    """Write ``mib`` MiB of 100-byte lines to ``fd`` (or stop after ``seconds``), in
+    64 KiB ``os.write()`` chunks or one ``print()`` per line (then ``fd`` must be
+    ``sys.stdout``'s, line-buffered); return when the writing began and ended
+    (CLOCK_MONOTONIC), how long it took by ``time.perf_counter()``, and the bytes."""
+    period = output_period()
+    total = mib * 2**20
+    written = 0
+    if per_line:
+        texts = [line.decode() for line in period.split(b"\n")[:-1]]
+        left = total // OUTPUT_LINE_BYTES
+        began, start = time.monotonic(), time.perf_counter()
+        deadline = start + seconds
+        while left and time.perf_counter() < deadline:
+            index = written // OUTPUT_LINE_BYTES % len(texts)
+            count = min(1024, left)  # NOTE: 16,384 texts: a batch never wraps
+            for text in texts[index:index + count]:
+                print(text)
+            written += count * OUTPUT_LINE_BYTES
+            left -= count
+        sys.stdout.flush()
+    else:
+        view = memoryview(period)
+        began, start = time.monotonic(), time.perf_counter()
+        deadline = start + seconds
+        while written < total and time.perf_counter() < deadline:
+            offset = written % len(view)
+            size = min(OUTPUT_CHUNK_BYTES, total - written, len(view) - offset)
+            written += os.write(fd, view[offset:offset + size])
+    elapsed = time.perf_counter() - start
+    return {"began": began, "ended": time.monotonic(), "seconds": elapsed,
+            "bytes": written}
+
+
+class Output(Animator):
+    """Write ``args.mib`` MiB of 100-byte lines to stdout, for at most ``args.seconds``
+    (``args.per_line``: by ``print()``, else in 64 KiB ``os.write()`` chunks); return
+    :func:`write_output`'s figures."""
+
+    def execute(self, ops: TaskOps) -> Any:
+        """Write, timing only the writing."""
+        args = _args(ops)
+        return write_output(1, int(args.get("mib", 1)), bool(args.get("per_line", False)),
+                            float(args.get("seconds", CHILD_LIFETIME)))
+
+
+def output_process(conn: Connection, fd: int, mib: int, per_line: bool,
+                   seconds: float) -> None:
+    """A bare process: make ``fd`` its stdout, write as :class:`Output` does, send the
+    figures up ``conn``."""
+    sys.stdout.flush()
+    os.dup2(fd, 1)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    conn.send(write_output(1, mib, per_line, seconds))
     conn.close()

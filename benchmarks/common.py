@@ -242,7 +242,8 @@ def machine() -> dict[str, Any]:
                     cpu = line.split(":", 1)[1].strip()
                     break
     versions = {}
-    for name in ("housekeeping", "falcon", "waitress", "uvloop", "psutil", "pebble", "loky"):
+    for name in ("housekeeping-supervisor", "falcon", "waitress", "uvloop", "psutil", "pebble",
+                 "loky"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -4,21 +4,25 @@ A task writes as fast as it likes, so nothing here works per line on the
 write path. What the loop reads from a pipe becomes one :class:`Block`: the
 complete lines of that read, as the bytes they came in (a ``\\n`` after
 each), with the seq of its first line, its stream and the time of the read.
-Counting lines is ``bytes.count``; a regular expression finds the rare line
-over :data:`MAX_LINE_BYTES` (then that block is cut line by line). Lines are
-made -- split, decoded with replacement -- only when somebody reads them:
+The block keeps the read's own bytes object, with offsets, so a read is not
+copied again (nor when its oldest lines are dropped): counting its lines (one
+``bytes.count``) is the only pass over it, and finding the rare line over
+:data:`MAX_LINE_BYTES` takes one ``rfind`` per 16 KiB (such a read is cut line
+by line, the slow way). Lines are made -- split, decoded with replacement --
+only when somebody reads them:
 :meth:`TaskLog.read` on the caller's thread, a follower on its own delivery
 thread.
 
 The bound is on memory: every block costs its bytes plus
 :data:`BLOCK_OVERHEAD` (a task that writes one byte per ``write()`` must not
 hold the supervisor's memory at fifty times its limit), and the oldest lines
-are dropped, and counted, beyond ``limit``.
+are dropped, and counted, beyond ``limit``. A block is charged for the whole
+read it keeps (the open line after its lines too); the only bytes held beyond
+the charge are the dropped start of the oldest block, at most one read.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,28 +34,44 @@ from supervisor.task import utc_stamp
 STREAMS = ("stdout", "stderr")
 MAX_LINE_BYTES = 16 * 1024  #: a longer line is cut into lines of at most this
 BLOCK_OVERHEAD = 64  #: bytes charged per stored block on top of its data
-_LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE_BYTES + 1))
 
 Line = dict[str, Any]
 LineCallback = Callable[[Line], None]
 
 
 class Block:
-    """Complete lines of one stream from one read, each ending with ``\\n``."""
+    """Complete lines of one stream from one read, each ending with ``\\n``: ``head``
+    (the start of its first line, from earlier reads) then ``data[start:end]``."""
 
-    __slots__ = ("count", "data", "first", "stream", "time")
+    __slots__ = ("count", "data", "end", "first", "head", "start", "stream", "time")
 
-    def __init__(self, first: int, time: float, stream: int, data: bytes, count: int) -> None:
+    def __init__(self, first: int, time: float, stream: int, data: bytes, count: int,
+                 start: int = 0, end: int | None = None, head: bytes = b"") -> None:
         self.first = first  #: seq of its first line
         self.time = time
         self.stream = stream  #: index into STREAMS
         self.data = data
         self.count = count
+        self.start = start
+        self.end = len(data) if end is None else end
+        self.head = head  #: no "\n" in it
+
+    @property
+    def length(self) -> int:
+        """Bytes of its lines."""
+        return len(self.head) + self.end - self.start
 
     @property
     def size(self) -> int:
-        """What the block costs against the log's limit (and a follower's backlog)."""
-        return len(self.data) + BLOCK_OVERHEAD
+        """What the block costs against the log's limit (and a follower's backlog):
+        its lines, the open line after them that ``data`` also holds, the overhead."""
+        return len(self.head) + len(self.data) - self.start + BLOCK_OVERHEAD
+
+    def text(self) -> bytes:
+        """Its lines as one bytes object (a copy, made only for a reader)."""
+        if not self.head and not self.start and self.end == len(self.data):
+            return self.data
+        return self.head + self.data[self.start:self.end]
 
     @property
     def last(self) -> int:
@@ -60,7 +80,7 @@ class Block:
     def lines(self, after: int = 0) -> Iterator[Line]:
         """Its lines as wire dicts, those with a seq above ``after``."""
         stamp, stream = utc_stamp(self.time), STREAMS[self.stream]
-        texts = self.data.split(b"\n")
+        texts = self.text().split(b"\n")
         texts.pop()  # NOTE: after the last "\n"
         skip = max(0, after - self.first + 1)
         for offset in range(skip, self.count):
@@ -125,6 +145,15 @@ class TaskLog:
     def feed(self, stream: int, data: bytes, now: float) -> int:
         """Take what one read of ``stream`` returned; return the lines dropped for room."""
         partial = self._partial[stream]
+        cut = data.rfind(b"\n") + 1
+        if (cut and len(data) - cut <= MAX_LINE_BYTES
+                and len(partial) + data.find(b"\n") <= MAX_LINE_BYTES
+                and not _has_long_line(data, cut)):
+            # NOTE: the common case: whole lines, none too long. The block keeps
+            # ``data`` itself; only the open line after them is copied.
+            self._partial[stream] = data[cut:]
+            return self._add(Block(self._next, now, stream, data, data.count(b"\n", 0, cut),
+                                   end=cut, head=partial))
         if partial:
             data = partial + data
         cut = data.rfind(b"\n") + 1
@@ -163,9 +192,11 @@ class TaskLog:
             follower.close()
 
     def _append(self, stream: int, data: bytes, now: float) -> int:
-        if _LONG_LINE.search(data) is not None:
+        if _has_long_line(data, len(data)):
             data = _cut_long_lines(data)
-        block = Block(self._next, now, stream, data, data.count(b"\n"))
+        return self._add(Block(self._next, now, stream, data, data.count(b"\n")))
+
+    def _add(self, block: Block) -> int:
         with self._lock:
             self._next += block.count
             self._blocks.append(block)
@@ -184,21 +215,28 @@ class TaskLog:
         while self._bytes > self.limit and self._blocks:
             first = self._blocks[0]
             excess = self._bytes - self.limit
-            if excess >= len(first.data):
+            if excess >= first.length:
                 self._blocks.popleft()
                 self._bytes -= first.size
                 dropped += first.count
                 continue
-            # NOTE: drop its first lines up to the one that makes room, keep the rest.
-            cut = first.data.find(b"\n", max(0, excess - 1)) + 1
-            gone = first.data.count(b"\n", 0, cut)
-            self._blocks[0] = Block(first.first + gone, first.time, first.stream,
-                                    first.data[cut:], first.count - gone)
-            self._bytes -= cut
+            # NOTE: drop its first lines up to the one that makes room, keep the
+            # rest: only its start moves (no copy), and the shorter side is counted.
+            data, head = first.data, len(first.head)
+            cut = data.find(b"\n", first.start + max(0, excess - 1 - head), first.end) + 1
+            if cut - first.start <= (first.end - first.start) // 2:
+                gone = data.count(b"\n", first.start, cut)
+            else:
+                gone = first.count - data.count(b"\n", cut, first.end)
+            rest = Block(first.first + gone, first.time, first.stream, data,
+                         first.count - gone, cut, first.end)
+            self._bytes -= head + cut - first.start
             dropped += gone
-            if not self._blocks[0].count:
+            if rest.count:
+                self._blocks[0] = rest
+            else:
                 self._blocks.popleft()
-                self._bytes -= BLOCK_OVERHEAD
+                self._bytes -= rest.size
         self.dropped += dropped
         return dropped
 
@@ -248,6 +286,18 @@ class TaskLog:
             follower.close()
 
         return stop
+
+
+def _has_long_line(data: bytes, end: int) -> bool:
+    """True if ``data[:end]`` holds more than MAX_LINE_BYTES bytes without a "\\n":
+    each step looks at the next window of MAX_LINE_BYTES + 1 bytes for its last one."""
+    pos = 0
+    while pos + MAX_LINE_BYTES < end:
+        newline = data.rfind(b"\n", pos, pos + MAX_LINE_BYTES + 1)
+        if newline < 0:
+            return True
+        pos = newline + 1
+    return False
 
 
 def _utf8_prefix(data: bytes, size: int) -> bytes:

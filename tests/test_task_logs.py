@@ -307,3 +307,43 @@ def test_the_same_log_api_answers_on_either_backend(backend_manager: Any) -> Non
     m.cancel_task(running)
     assert got.get(timeout=30)["text"] == "canceled, bye"
     assert got.get(timeout=30)["end"] == "complete"
+
+
+def _reference_lines(whole: bytes) -> list[bytes]:
+    """How a stream's bytes become lines: at "\\n", long ones cut at 16 KiB (between
+    characters), an open last line flushed."""
+    from supervisor.tasklog import _utf8_prefix
+
+    raw = whole.split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for line in raw:
+        while len(line) > MAX_LINE_BYTES:
+            piece = _utf8_prefix(line, MAX_LINE_BYTES)
+            lines.append(piece)
+            line = line[len(piece):]
+        lines.append(line)
+    return lines
+
+
+_CHUNKS = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda count, unit: unit * count, st.integers(1, 20_000),
+              st.sampled_from([b"a", b"\xc3\xa9", b"\xff", b"ab\n", b"\n"])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), _CHUNKS), max_size=30))
+def test_lines_are_the_streams_split_as_documented(writes: list[tuple[int, bytes]]) -> None:
+    log = new_log(limit=1 << 30)
+    for stream, data in writes:
+        log.feed(stream, data, 1.0)
+    for stream in (0, 1):
+        log.flush(stream, 2.0)
+    lines, _ = log.read()
+    assert log.dropped == 0
+    for stream, name in enumerate(("stdout", "stderr")):
+        whole = b"".join(data for s, data in writes if s == stream)
+        assert [line["text"] for line in lines if line["stream"] == name] == [
+            piece.decode("utf-8", "replace") for piece in _reference_lines(whole)]
