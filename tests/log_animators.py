@@ -28,7 +28,9 @@ class Chatty(Animator):
         print("out 2")
         logging.getLogger("chatty.part").info("info record")
         logging.getLogger("chatty.part").debug("debug record")  # NOTE: below INFO: not kept
-        subprocess.run(["sh", "-c", "echo from a program; echo program err >&2"], check=True)
+        subprocess.run(["sh", "-c", "echo from a program; "
+                        "sh -c 'echo from a grandchild; true'; echo program err >&2"],
+                       check=True)
         sys.stdout.write("no newline at the end")
         return "done"
 

@@ -50,12 +50,12 @@ def test_stdout_stderr_logging_and_programs_are_captured_in_order(manager: Any) 
     # for writes that the loop read apart (each print is a write of its own).
     assert [t for t in got if t[0] == "stdout"] == [
         ("stdout", "out 1"), ("stdout", "out 2"), ("stdout", "from a program"),
-        ("stdout", "no newline at the end")]
+        ("stdout", "from a grandchild"), ("stdout", "no newline at the end")]
     assert [t for t in got if t[0] == "stderr"] == [
         ("stderr", "err 1"), ("stderr", "INFO chatty.part: info record"),
         ("stderr", "program err")]
-    assert [line["seq"] for line in log["lines"]] == list(range(1, 8))
-    assert log["next"] == 7 and log["dropped"] == 0
+    assert [line["seq"] for line in log["lines"]] == list(range(1, 9))
+    assert log["next"] == 8 and log["dropped"] == 0
     for line in log["lines"]:
         assert line["time"].endswith("Z") and line["time"][10] == "T"
 
@@ -294,10 +294,11 @@ def test_the_same_log_api_answers_on_either_backend(backend_manager: Any) -> Non
     log = complete_log(m, task_id)
     assert sorted(texts(log)) == sorted([
         ("stdout", "out 1"), ("stdout", "out 2"), ("stdout", "from a program"),
-        ("stdout", "no newline at the end"), ("stderr", "err 1"),
+        ("stdout", "from a grandchild"), ("stdout", "no newline at the end"),
+        ("stderr", "err 1"),
         ("stderr", "INFO chatty.part: info record"), ("stderr", "program err")])
     assert [line["text"] for line in log["lines"] if line["stream"] == "stdout"] == [
-        "out 1", "out 2", "from a program", "no newline at the end"]
+        "out 1", "out 2", "from a program", "from a grandchild", "no newline at the end"]
     # a line of a running task arrives before it ends
     running = m.run_task({"operation": "PRINTER"})
     got: queue.Queue[dict[str, Any]] = queue.Queue()
