@@ -19,6 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
+# NOTE: task processes must line-buffer print() by themselves: a PYTHONUNBUFFERED of
+# the developer's shell would hide it (under pytest a starter's stdout is a file).
+os.environ.pop("PYTHONUNBUFFERED", None)
+
 #: One generous bound, only there to turn a deadlock into a failure.
 TIMEOUT = 30.0
 

@@ -94,15 +94,22 @@ def _capture_output(stdout: int, stderr: int) -> None:
             stream.flush()  # NOTE: what the starter buffered is not the task's
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            with contextlib.suppress(Exception):
-                stream.reconfigure(line_buffering=True, errors="backslashreplace")
+    # NOTE: new streams, not reconfigure(): a stream made over a regular file (the
+    # starter's stdout may be one) took itself for seekable, and reconfigure() then
+    # fails with ESPIPE on the pipe, leaving print() block-buffered.
+    sys.stdout = sys.__stdout__ = _line_buffered(1)
+    sys.stderr = sys.__stderr__ = _line_buffered(2)
     handler = logging.StreamHandler()  # NOTE: on sys.stderr, now fd 2
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.lastResort = handler
     logging.getLogger().setLevel(logging.INFO)
+
+
+def _line_buffered(fd: int) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8",
+                            errors="backslashreplace", line_buffering=True)
 
 
 def _flush_output() -> None:
