@@ -97,8 +97,8 @@ def _capture_output(stdout: int, stderr: int) -> None:
     # NOTE: new streams, not reconfigure(): a stream made over a regular file (the
     # starter's stdout may be one) took itself for seekable, and reconfigure() then
     # fails with ESPIPE on the pipe, leaving print() block-buffered.
-    sys.stdout = sys.__stdout__ = _line_buffered(1)
-    sys.stderr = sys.__stderr__ = _line_buffered(2)
+    sys.stdout = _line_buffered(1)
+    sys.stderr = _line_buffered(2)
     handler = logging.StreamHandler()  # NOTE: on sys.stderr, now fd 2
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
