@@ -193,7 +193,7 @@ def _quiet_distributed() -> Iterator[None]:
 
 def run(options: Options) -> Section:
     """Measure both backends' start latency and isolated throughput, alternately."""
-    # NOTE: imported here: distributed is optional (housekeeping[dask]); without
+    # NOTE: imported here: distributed is optional (housekeeping-supervisor[dask]); without
     # it this benchmark fails alone and the others still run.
     import distributed
 

@@ -3,7 +3,7 @@
 Embed it with ``from supervisor import Manager``; see the README. Tasks run on
 this machine by default, or on a Dask cluster with
 ``Manager(backend=supervisor.dask_backend.DaskBackend(address))`` (the
-``housekeeping[dask]`` extra; only that module imports ``distributed``).
+``housekeeping-supervisor[dask]`` extra; only that module imports ``distributed``).
 """
 
 from __future__ import annotations

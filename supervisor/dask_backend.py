@@ -6,7 +6,7 @@ so a task gets on the worker what it gets here: a process of its own, its
 ``timeout`` and ``max_memory``, crash detection and a whole-tree kill.
 
 Channels, all Dask's own (``distributed`` is imported only by this module and
-the worker side; install it with ``pip install housekeeping[dask]``):
+the worker side; install it with ``pip install housekeeping-supervisor[dask]``):
 
 * reports: the worker's ``log_event`` on one topic per supervisor, which the
   client subscribes to; ordered per task, counted so that the outcome is
@@ -20,6 +20,10 @@ the worker side; install it with ``pip install housekeeping[dask]``):
 
 A monitor thread renews the lease, and checks that the scheduler answers and
 that the worker of every running task is still in the cluster.
+
+:func:`local_cluster` (``DaskBackend.local``) starts a cluster on loopback that
+opens no HTTP port (Dask's dashboard, ``/metrics``, ``/health``) unless a
+dashboard address is given.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+import dask.system
 import distributed
+import distributed.worker_memory
 
 from supervisor.backend import Backend, Host, Launch, Outcome, Registration
 from supervisor.protocol import (
@@ -68,6 +76,16 @@ SHUTDOWN_SLACK = 5.0
 #: Seconds each step of closing may take: queued calls to the scheduler, the
 #: client, an owned LocalCluster (together they stay within terminate()'s budget).
 CLOSE_STEP_TIMEOUT = 3.0
+#: Tasks that ended here without their worker side's word whose cancel Event is
+#: still to be set (the scheduler is unreachable); beyond it the oldest are dropped.
+MAX_ORPHANS = 10_000
+#: Their Events kept on the scheduler as tombstones once set; beyond it the
+#: oldest are cleared (deleted there).
+MAX_TOMBSTONES = 10_000
+#: Orphans' cancel Events set per answer of the scheduler.
+_ORPHANS_PER_ROUND = 100
+#: Why distributed cancels every future of a client that lost the scheduler.
+_CONNECTION_LOST = "scheduler-connection-lost"
 
 
 @dataclass
@@ -87,6 +105,125 @@ class _Remote:
     worker_since: float = 0.0  #: when ``worker`` was learned (time.monotonic())
     timer: asyncio.TimerHandle | None = None
     names: tuple[str, str] = field(default=("", ""))  #: the cancel and started Events
+
+
+class _Orphans:
+    """Tasks that ended here without word from their worker side, which may still
+    run them: their cancel Events still to set, then both their Events kept on
+    the scheduler as tombstones (a late (re-)run sees them and does not run).
+
+    Both are bounded (any thread): pending names beyond ``pending_limit`` drop
+    the oldest (logged), tombstones beyond ``tombstone_limit`` are handed back
+    by :meth:`expired` to be cleared on the scheduler.
+    """
+
+    def __init__(self, pending_limit: int = MAX_ORPHANS,
+                 tombstone_limit: int = MAX_TOMBSTONES) -> None:
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[str, str]] = deque()
+        self._tombstones: deque[tuple[str, str]] = deque()
+        self._pending_limit = pending_limit
+        self._tombstone_limit = tombstone_limit
+        self.dropped = 0  #: pending ones dropped, oldest first
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def add(self, names: tuple[str, str]) -> None:
+        """A task's (cancel, started) Event names, to set the cancel Event of."""
+        with self._lock:
+            self._pending.append(names)
+            self._trim()
+
+    def take(self, count: int) -> list[tuple[str, str]]:
+        """Up to ``count`` pending ones, oldest first; :meth:`put_back` those not set."""
+        with self._lock:
+            return [self._pending.popleft() for _ in range(min(count, len(self._pending)))]
+
+    def put_back(self, names: list[tuple[str, str]]) -> None:
+        """Pending again, before the others (the oldest, if they are too many)."""
+        with self._lock:
+            self._pending.extendleft(reversed(names))
+            self._trim()
+
+    def settled(self, names: list[tuple[str, str]]) -> None:
+        """Their cancel Events are set: keep them as tombstones."""
+        with self._lock:
+            self._tombstones.extend(names)
+
+    def expired(self) -> list[tuple[str, str]]:
+        """The oldest tombstones beyond the limit, taken: their Events are to be
+        cleared (:meth:`settled` again those that could not be)."""
+        with self._lock:
+            excess = len(self._tombstones) - self._tombstone_limit
+            return [self._tombstones.popleft() for _ in range(max(0, excess))]
+
+    def _trim(self) -> None:
+        excess = len(self._pending) - self._pending_limit
+        if excess > 0:
+            for _ in range(excess):
+                self._pending.popleft()
+            self.dropped += excess
+            log.warning("%d tasks ended without word from their Dask worker and their "
+                        "cancel could not be sent; dropped the oldest %d (%d in all)",
+                        len(self._pending) + excess, excess, self.dropped)
+
+
+class _QuietScheduler(distributed.Scheduler):
+    """A scheduler that opens an HTTP port only when given a dashboard address.
+
+    NOTE: distributed's scheduler always serves HTTP (its dashboard, /metrics,
+    /health), on 8787 when no address is given.
+    """
+
+    def start_http_server(self, routes: Any, dashboard_address: Any, default_port: int = 0,
+                          ssl_options: Any = None) -> None:
+        if dashboard_address is not None:
+            super().start_http_server(routes, dashboard_address, default_port, ssl_options)
+
+
+class _QuietWorker(distributed.Worker):
+    """A worker that opens no HTTP port (distributed's opens one for /metrics and
+    /health on a free port, and calls it its dashboard)."""
+
+    def start_http_server(self, routes: Any, dashboard_address: Any, default_port: int = 0,
+                          ssl_options: Any = None) -> None:
+        if dashboard_address is not None:
+            super().start_http_server(routes, dashboard_address, default_port, ssl_options)
+
+
+def local_cluster(n_workers: int | None = None,
+                  dashboard_address: str | None = None) -> distributed.SpecCluster:
+    """A cluster on loopback like ``LocalCluster(threads_per_worker=1,
+    processes=True, host="127.0.0.1")``: ``n_workers`` worker processes (default:
+    one per CPU), one thread each, each watched by a nanny.
+
+    It opens no port but Dask's own connections: the scheduler serves HTTP (Dask's
+    dashboard, which needs bokeh, /metrics, /health) only at ``dashboard_address``
+    (``"HOST:PORT"``), the workers never do.
+    """
+    count = n_workers or int(dask.system.CPU_COUNT)
+    memory_limit = distributed.worker_memory.parse_memory_limit("auto", 1, count, logger=log)
+    worker = {"cls": distributed.Nanny, "options": {
+        "host": "127.0.0.1", "nthreads": 1, "memory_limit": memory_limit,
+        "worker_class": _QuietWorker, "dashboard": False, "dashboard_address": None,
+        "silence_logs": logging.WARNING,
+    }}
+    scheduler = {"cls": _QuietScheduler, "options": {
+        "host": "127.0.0.1", "port": 0, "protocol": "tcp://",
+        "dashboard": dashboard_address is not None, "dashboard_address": dashboard_address,
+    }}
+    # NOTE: without the proxy route (to workers' dashboards, which there are
+    # none of) distributed does not log a hint to install jupyter-server-proxy.
+    routes = [route for route in dask.config.get("distributed.scheduler.http.routes")
+              if route != "distributed.http.proxy"]
+    with dask.config.set({"distributed.scheduler.http.routes": routes}):
+        cluster = distributed.SpecCluster(
+            workers={index: worker for index in range(count)}, scheduler=scheduler,
+            worker=worker, silence_logs=logging.WARNING,
+        )
+    return cluster
 
 
 class DaskBackend(Backend):
@@ -131,13 +268,14 @@ class DaskBackend(Backend):
         self._tasks: dict[str, _Remote] = {}
         self._unavailable: str | None = None
         self._submit_failed = False  #: until the scheduler answers again
-        #: cancel Events still to set: tasks that ended here without word from
-        #: their worker side, which may still run them (set once reachable).
-        self._orphans: list[str] = []
-        self._orphans_lock = threading.Lock()
+        self._orphans = _Orphans()  #: their cancel Events are set once reachable
         self._stopping = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
+        #: guards the client and the lease, which the monitor replaces when the
+        #: client gives up reconnecting, and whether it may still do so.
+        self._link_lock = threading.Lock()
+        self._linked = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -151,13 +289,14 @@ class DaskBackend(Backend):
         self._lease.set(self._lease_count)
 
     @classmethod
-    def local(cls, n_workers: int | None = None, **options: Any) -> DaskBackend:
-        """Start a ``LocalCluster`` on loopback (worker processes, one thread each)
-        and run tasks on it; the cluster stops with the manager."""
-        cluster = distributed.LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=None,
-        )
+    def local(cls, n_workers: int | None = None, *, dashboard_address: str | None = None,
+              **options: Any) -> DaskBackend:
+        """Start a cluster on loopback (:func:`local_cluster`: worker processes, one
+        thread each, Dask's dashboard only at ``dashboard_address``) and run tasks
+        on it; the cluster stops with the manager."""
+        cluster = local_cluster(n_workers, dashboard_address)
+        if dashboard_address is not None:
+            log.info("the Dask dashboard is at %s", cluster.dashboard_link)
         try:
             backend = cls(cluster, **options)
         except BaseException:
@@ -183,9 +322,17 @@ class DaskBackend(Backend):
         )
         self._monitor.start()
 
+    def _current(self) -> distributed.Client:
+        """The client (the monitor may replace it at any time)."""
+        with self._link_lock:
+            return self._client
+
+    def _event(self, name: str) -> distributed.Event:
+        return distributed.Event(name, client=self._current())
+
     def default_max_workers(self) -> int | None:
         """The cluster's worker threads when the manager starts."""
-        workers = self._client.scheduler_info()["workers"].values()
+        workers = self._current().scheduler_info()["workers"].values()
         return sum(int(worker.get("nthreads", 1)) for worker in workers) or None
 
     def unavailable(self) -> str | None:
@@ -221,7 +368,7 @@ class DaskBackend(Backend):
             "rerun": bool(getattr(registration.animator, "rerun_on_worker_loss", False)),
         }
         try:
-            remote.future = self._client.submit(
+            remote.future = self._current().submit(
                 run_task_on_worker, spec, key=key, pure=False, retries=0
             )
         except Exception as exc:  # the client is closed: the scheduler is gone
@@ -241,7 +388,8 @@ class DaskBackend(Backend):
         if remote is None or remote.canceled:
             return
         remote.canceled = True
-        self._call(distributed.Event(remote.names[0], client=self._client).set)
+        name = remote.names[0]
+        self._call(lambda: self._event(name).set())
         if remote.received == 0 and remote.future is not None:
             # NOTE: not started on a worker yet (as far as we know): take it off
             # Dask's queue; if it did just start, the Event stops it there.
@@ -337,24 +485,30 @@ class DaskBackend(Backend):
             error: BaseException | None = None
         except BaseException as exc:  # every failure becomes an outcome
             payload, error = None, exc
+        # NOTE: why distributed canceled it, as it said when it did: the client's
+        # status, read any later, may be "running" again (a reconnect takes ms).
+        canceled = _cancel_reason(error)
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._on_outcome, task_id, payload, error)
+            self._soon(self._on_outcome, task_id, payload, error, canceled)
 
-    def _on_outcome(self, task_id: str, payload: Any, error: BaseException | None) -> None:
+    def _on_outcome(self, task_id: str, payload: Any, error: BaseException | None,
+                    canceled: str | None) -> None:
+        """Classify the end of a task's future (``canceled``: why Dask canceled it)."""
         remote = self._tasks.get(task_id)
         if remote is None or remote.outcome is not None:
             return
-        # NOTE: distributed says why it canceled a future; the client's status
-        # cannot tell (by now it may have reconnected).
-        lost = getattr(error, "reason", None) == "scheduler-connection-lost"
-        if _canceled(error) and (lost or self._client.status != "running"):
+        if canceled == _CONNECTION_LOST:
             # NOTE: the client cancels every future when it loses the scheduler.
             self._set_unavailable(f"the Dask scheduler at {self.address} is unreachable "
                                   f"(the connection was lost)")
             return
-        if _canceled(error) and remote.canceled:
+        if canceled is not None and remote.canceled:
             remote.outcome = Outcome(TaskState.CANCELED, (
                 "canceled before any report from a Dask worker",))
+        elif canceled is not None:
+            why = "" if canceled in ("", "unknown") else f" ({canceled})"
+            remote.outcome = Outcome(TaskState.FAILED, (
+                f"the Dask cluster canceled the task{why}",))
         elif error is not None or not isinstance(payload, dict):
             remote.outcome = self._failure(remote, error)
         elif payload.get("retry"):
@@ -383,8 +537,6 @@ class DaskBackend(Backend):
             self._finish(task_id)
 
     def _failure(self, remote: _Remote, error: BaseException | None) -> Outcome:
-        if _canceled(error):
-            return Outcome(TaskState.FAILED, ("the Dask cluster canceled the task",))
         if type(error).__name__ == "KilledWorker":
             return self._worker_lost(remote)
         where = f" on Dask worker {remote.worker}" if remote.worker else ""
@@ -406,16 +558,15 @@ class DaskBackend(Backend):
         outcome = remote.outcome or Outcome(TaskState.FAILED, ("no outcome from the cluster",))
         if remote.confirmed:
             # the worker side is done with the task: its Events can go
-            for name in remote.names:
-                self._call(distributed.Event(name, client=self._client).clear)
+            names = remote.names
+            self._call(lambda: [self._event(name).clear() for name in names])
         else:
             # NOTE: the worker side may still run the task (an outage, a lost
             # report): tell it to stop. Both Events stay, as tombstones: a
             # late (re-)run of the task sees them and does not run it.
             if remote.future is not None and not remote.future.done():
                 self._call(remote.future.cancel)
-            with self._orphans_lock:
-                self._orphans.append(remote.names[0])
+            self._orphans.add(remote.names)
         self.host.task_finished(task_id, outcome)
         self.host.task_output_closed(task_id)  # NOTE: its lines came before its outcome
 
@@ -476,27 +627,27 @@ class DaskBackend(Backend):
         while not self._stopping.wait(self.heartbeat):
             asked = time.monotonic()
             try:
-                if self._client.status in ("closed", "closing"):
+                with self._link_lock:
+                    client, lease = self._client, self._lease
+                if client.status in ("closed", "closing"):
                     # NOTE: the client gave up reconnecting; keep trying anew.
-                    client = self._connect()
-                    if self._stopping.is_set():
-                        client.close()
-                        return
-                    self._client = client
-                    self._lease = distributed.Variable(self._lease_name, client=client)
+                    replaced = self._replace_client()
+                    if replaced is None:
+                        return  # closing
+                    client, lease = replaced
                 self._lease_count += 1
-                self._lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
-                scheduler = self._client.scheduler
+                lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
+                scheduler = client.scheduler
                 assert scheduler is not None
-                identity = self._client.sync(
+                identity = client.sync(
                     scheduler.identity, n_workers=-1, callback_timeout=self.heartbeat * 2,
                 )
                 if scheduler_id is not None and identity.get("id") != scheduler_id:
                     # NOTE: a client reconnected to a restarted scheduler does
                     # not renew its topic subscriptions; the new one has none.
-                    self._client.subscribe_topic(self._topic, self._on_event)
+                    client.subscribe_topic(self._topic, self._on_event)
                 scheduler_id = identity.get("id")
-                self._set_orphans()
+                self._set_orphans(client)
             except Exception as exc:  # any failure is "no answer"
                 if time.monotonic() - last_answer > self.unreachable_after:
                     reason = (f"the Dask scheduler at {self.address} is unreachable "
@@ -507,19 +658,40 @@ class DaskBackend(Backend):
             self._soon(self._set_unavailable, None)
             self._soon(self._workers_gone, set(identity.get("workers", {})), asked)
 
-    def _set_orphans(self) -> None:
-        """Set the cancel Event of each task that ended here without its worker's word."""
-        with self._orphans_lock:
-            names, self._orphans = self._orphans[:100], self._orphans[100:]
-        scheduler = self._client.scheduler
-        for index, name in enumerate(names):
+    def _replace_client(self) -> tuple[distributed.Client, distributed.Variable] | None:
+        """A new client and lease in place of the closed ones (None: closing)."""
+        client = self._connect()
+        lease = distributed.Variable(self._lease_name, client=client)
+        with self._link_lock:
+            if self._linked:
+                self._client, self._lease = client, lease
+                return client, lease
+        client.close()  # NOTE: _close() has taken the old one to close; not this one
+        return None
+
+    def _set_orphans(self, client: distributed.Client) -> None:
+        """Set the cancel Event of each task that ended here without its worker's
+        word (a round at a time); clear the oldest tombstones beyond the bound."""
+        scheduler = client.scheduler
+        assert scheduler is not None
+        names = self._orphans.take(_ORPHANS_PER_ROUND)
+        for index, (cancel, _) in enumerate(names):
             try:
-                assert scheduler is not None
-                self._client.sync(scheduler.event_set, name=name,
-                                  callback_timeout=self.heartbeat * 2)
+                client.sync(scheduler.event_set, name=cancel,
+                            callback_timeout=self.heartbeat * 2)
             except Exception:
-                with self._orphans_lock:
-                    self._orphans[:0] = names[index:]  # again at the next answer
+                self._orphans.put_back(names[index:])  # again at the next answer
+                self._orphans.settled(names[:index])
+                raise
+        self._orphans.settled(names)
+        expired = self._orphans.expired()
+        for index, pair in enumerate(expired):
+            try:
+                for name in pair:
+                    client.sync(scheduler.event_clear, name=name,
+                                callback_timeout=self.heartbeat * 2)
+            except Exception:
+                self._orphans.settled(expired[index:])  # again at the next answer
                 raise
 
     def _soon(self, function: Callable[..., None], *args: Any) -> None:
@@ -546,13 +718,16 @@ class DaskBackend(Backend):
                     RuntimeError):
                 log.warning("closing: calls to the Dask scheduler still pending; dropped")
             self._calls.shutdown(wait=False, cancel_futures=True)
+            with self._link_lock:  # NOTE: the monitor may outlive its join
+                self._linked = False
+                client, lease = self._client, self._lease
             try:
-                self._lease.delete()
-                self._client.unsubscribe_topic(self._topic)
+                lease.delete()
+                client.unsubscribe_topic(self._topic)
             except Exception:
                 pass
             try:
-                self._client.close(timeout=CLOSE_STEP_TIMEOUT)
+                client.close(timeout=CLOSE_STEP_TIMEOUT)
             except Exception as exc:
                 log.debug("closing the Dask client: %s", exc)
             if self._owns_cluster and self._cluster is not None:
@@ -562,8 +737,11 @@ class DaskBackend(Backend):
                     log.warning("closing the local Dask cluster: %s", exc)
 
 
-def _canceled(error: BaseException | None) -> bool:
-    return isinstance(error, distributed.client.FutureCancelledError | asyncio.CancelledError)
+def _cancel_reason(error: BaseException | None) -> str | None:
+    """Why distributed canceled a future ("" when it did not say); None: not canceled."""
+    if not isinstance(error, distributed.client.FutureCancelledError | asyncio.CancelledError):
+        return None
+    return str(getattr(error, "reason", "") or "")
 
 
 def _progress(wire: Any) -> Progress:

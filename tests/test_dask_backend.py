@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import distributed
 import falcon.testing
 import psutil
 import pytest
+import requests
 from conftest import (
+    SHARED_PROCESSES,
     TIMEOUT,
     free_port,
     kill_processes,
@@ -32,7 +35,8 @@ from conftest import (
 
 import rest
 from supervisor import BackendUnavailable, Manager
-from supervisor.dask_backend import DaskBackend
+from supervisor.dask_backend import DaskBackend, _Orphans
+from workers.remote import RecentIds
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +165,37 @@ def test_two_supervisors_with_the_same_task_ids_share_the_workers(
         assert task["result"]["args"] == {"who": name, "n": n}
     assert {task_id for m, task_id, name, n in runs if m is first} == \
         {task_id for m, task_id, name, n in runs if m is second}  # the same ids, really
+
+
+def test_each_supervisor_keeps_its_cancel_grace_on_shared_workers(
+    manager: Any, dask_cluster: str
+) -> None:
+    short = manager(backend=DaskBackend(dask_cluster), max_workers=1, cancel_grace=0.5)
+    long = manager(backend=DaskBackend(dask_cluster), max_workers=1, cancel_grace=2.5)
+    ids = {}
+    for m in (short, long):
+        m.register_animator("STUBBORN", animators.Stubborn())
+        ids[m] = m.run_task({"operation": "STUBBORN"})
+    for m in (short, long):
+        wait_ready(m, ids[m])
+    canceled = time.monotonic()
+    for m in (short, long):
+        m.cancel_task(ids[m])
+    first = wait_terminal(short, ids[short])
+    second = wait_terminal(long, ids[long])
+    assert time.monotonic() - canceled >= 2.5  # not the other supervisor's 0.5 s
+    assert (first["state"], second["state"]) == ("CANCELED", "CANCELED")
+    assert "killed after cancel grace period (0.5 s)" in message_texts(first), first
+    assert "killed after cancel grace period (2.5 s)" in message_texts(second), second
+    # one worker-side Manager per worker process, whatever the graces
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        def managers() -> int:
+            import gc
+
+            from supervisor import Manager
+            return sum(isinstance(thing, Manager) for thing in gc.get_objects())
+
+        assert set(client.run(managers).values()) <= {0, 1}
 
 
 def test_supervisor_sigkilled_remote_trees_die_within_the_lease(dask_cluster: str) -> None:
@@ -314,6 +349,131 @@ def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cl
     assert m.get_task(task_id)["state"] in ("CANCELED", "FAILED")  # ended by terminate()
     wait_for(lambda: pids_gone(pid), timeout=10)
 
+
+
+# -- growth bounds ------------------------------------------------------------------------
+
+
+def test_orphans_keep_the_newest_and_hand_back_tombstones_beyond_the_bound() -> None:
+    orphans = _Orphans(pending_limit=3, tombstone_limit=2)
+    for n in range(5):
+        orphans.add((f"c{n}", f"s{n}"))
+    assert len(orphans) == 3 and orphans.dropped == 2
+    taken = orphans.take(2)
+    assert taken == [("c2", "s2"), ("c3", "s3")]
+    orphans.add(("c5", "s5"))
+    orphans.add(("c6", "s6"))  # four pending with the two taken: the oldest go
+    orphans.put_back(taken[1:])  # the first was set, the second failed
+    assert len(orphans) == 3 and orphans.dropped == 3
+    assert orphans.take(10) == [("c4", "s4"), ("c5", "s5"), ("c6", "s6")]
+    orphans.settled([("c2", "s2"), ("c4", "s4")])
+    assert orphans.expired() == []
+    orphans.settled([("c5", "s5"), ("c6", "s6")])
+    assert orphans.expired() == [("c2", "s2"), ("c4", "s4")]  # the oldest, to clear
+    assert orphans.expired() == []
+
+
+def test_retired_ids_keep_only_the_newest() -> None:
+    retired = RecentIds(limit=3)
+    for n in range(5):
+        retired.add(f"t{n}")
+    retired.add("t2")  # seen again: the newest now
+    retired.add("t5")
+    assert len(retired) == 3
+    assert [f"t{n}" in retired for n in range(6)] == [False, False, True, False, True, True]
+
+
+# -- ports ------------------------------------------------------------------------------
+
+
+def _listening(procs: list[psutil.Process]) -> set[int]:
+    ports = set()
+    for proc in procs:
+        try:
+            ports |= {c.laddr.port for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return ports
+
+
+def _dask_ports(address: str) -> set[int]:
+    """The ports of the scheduler, its workers and their nannies."""
+    with distributed.Client(address, set_as_default=False) as client:
+        info = client.scheduler_info(n_workers=-1)
+    addresses = [address, *info["workers"],
+                 *(worker["nanny"] for worker in info["workers"].values())]
+    return {int(a.rsplit(":", 1)[1]) for a in addresses}
+
+
+def _tree() -> list[psutil.Process]:
+    """This process and its descendants; multiprocessing's resource tracker, which
+    the cluster's nannies start and which lives as long as this process, is left
+    to the session."""
+    me = psutil.Process()
+    tree = [me, *me.children(recursive=True)]
+    for proc in tree:
+        try:
+            if "multiprocessing.resource_tracker" in " ".join(proc.cmdline()):
+                SHARED_PROCESSES.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return tree
+
+
+def test_the_local_cluster_opens_a_dashboard_only_when_asked(manager: Any) -> None:
+    before = _listening(_tree())  # NOTE: a shared cluster's ports too
+    backend = DaskBackend.local(1)
+    m = manager(backend=backend, max_workers=1)
+    m.register_animator("QUICK", animators.Quick())
+    assert wait_terminal(m, m.run_task({"operation": "QUICK"}))["state"] == "SUCCEEDED"
+    opened = _listening(_tree()) - before
+    assert opened == _dask_ports(backend.address)  # no dashboard, no worker HTTP
+    m.terminate()
+
+    backend = DaskBackend.local(1, dashboard_address="127.0.0.1:0")
+    m = manager(backend=backend, max_workers=1)
+    extra = _listening(_tree()) - before - _dask_ports(backend.address)
+    assert len(extra) == 1, extra
+    (port,) = extra
+    answer = requests.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT)
+    assert answer.status_code == 200 and answer.text == "ok"
+
+
+def test_serve_dask_local_opens_no_port_for_dask_nor_hints_at_a_proxy() -> None:
+    from rest_support import LiveServer
+
+    live = LiveServer("--dask", "local", "--max-workers", "2", "--no-demo")
+    try:
+        live.start()
+        found = re.search(r"tasks run on the Dask cluster at (tcp://\S+)", live.log())
+        assert found, live.log()
+        rest_port = int(live.url.rsplit(":", 1)[1].split("/")[0])
+        assert _listening(live.tree()) == {rest_port} | _dask_ports(found[1])
+        assert live.stop() == 0, live.log()
+        assert "jupyter-server-proxy" not in live.log()
+        assert "dashboard" not in live.log().lower()
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--dask-dashboard", "127.0.0.1:0"], 2, "needs --dask local"),
+    (["--dask", "local", "--dask-dashboard", "8787"], 2, "give HOST:PORT"),
+    (["--dask", "local", "--dask-dashboard", "192.0.2.1:8787"], 3, "no authentication"),
+])
+def test_serve_refuses_a_dask_dashboard_it_cannot_serve_safely(
+    args: list[str], code: int, words: str
+) -> None:
+    from rest_support import LiveServer
+
+    live = LiveServer(*args)
+    try:
+        returncode, _, stderr = live.run_to_exit()
+    finally:
+        live.close()
+    assert returncode == code, stderr
+    assert words in stderr, stderr
 
 
 # -- packaging and the command line ------------------------------------------------------

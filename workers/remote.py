@@ -3,9 +3,11 @@
 :func:`run_task_on_worker` is the body of the Dask task the supervisor
 submits. It hands the task to a :class:`~supervisor.Manager` with the local
 backend that lives in the Dask worker process (one per process, started at
-the first task), so the task runs exactly as it would on the supervisor's
-machine: a process of its own running the same ``workers`` child code, with
-its ``timeout``, ``max_memory``, crash detection and whole-tree kill.
+the first task, shared by every supervisor), so the task runs exactly as it
+would on the supervisor's machine: a process of its own running the same
+``workers`` child code, with its ``timeout``, ``max_memory``, crash detection
+and whole-tree kill. Each task's ``cancel_grace`` is its own supervisor's,
+kept by the thread that waits for its cancel.
 
 ::
 
@@ -33,6 +35,7 @@ import logging
 import pickle
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +63,13 @@ LOG_BATCH_DELAY = 0.1
 LOG_END_WAIT = 5.0
 #: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
 _LOCAL_SLOTS = 256
+#: The worker process's Manager's own cancel grace: a ceiling. A canceled task is
+#: killed after its supervisor's grace (at most this) by the thread that waits
+#: for its cancel.
+GRACE_CEILING = 24 * 3600.0
+#: Local ids never used again (their old events may still come) kept at most;
+#: beyond it the oldest may be used again.
+MAX_RETIRED = 10_000
 
 
 class _Forwarder:
@@ -187,6 +197,30 @@ def _new_messages(
     return list(after)
 
 
+class RecentIds:
+    """A set of ids that keeps only the ``limit`` most recently added (any thread)."""
+
+    def __init__(self, limit: int = MAX_RETIRED) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def add(self, item: str) -> None:
+        with self._lock:
+            self._ids[item] = None
+            self._ids.move_to_end(item)
+            while len(self._ids) > self._limit:
+                self._ids.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        with self._lock:
+            return item in self._ids
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+
 class _Local:
     """This worker process's Manager, and the routing of its events to forwarders.
 
@@ -195,20 +229,37 @@ class _Local:
     kill or forget only its own task.
     """
 
-    def __init__(self, cancel_grace: float) -> None:
+    def __init__(self) -> None:
         self.backend = LocalBackend()
         self.manager = Manager(
-            purge_delay=0, max_workers=_LOCAL_SLOTS, cancel_grace=cancel_grace,
+            purge_delay=0, max_workers=_LOCAL_SLOTS, cancel_grace=GRACE_CEILING,
             backend=self.backend,
         )
         self.lock = threading.Lock()  #: guards the routes; never held over user code
         self._creating = threading.Lock()  #: one registration + creation at a time
         self._forwarders: dict[str, _Forwarder] = {}
-        self._retired: set[str] = set()  #: ids whose events may still come (see _resync)
+        self._retired = RecentIds()  #: ids whose events may still come (see _resync)
+        self._closing = False
         self.manager.subscribe(self._route)
         # NOTE: a worker that closes in order ends its tasks in order too; one
         # that is killed relies on the starter's PR_SET_PDEATHSIG.
-        atexit.register(self.manager.terminate)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Kill every task's tree at once (the worker is leaving), then terminate.
+
+        NOTE: the Manager's own grace is the ceiling, not any task's: its
+        terminate() would wait that long for a task that ignores its cancel.
+        """
+        with self._creating:
+            self._closing = True
+        with self.lock:
+            for local_id in self._forwarders:
+                try:
+                    self.backend.kill_task(local_id, "killed: the Dask worker is closing")
+                except RuntimeError:  # the loop is closed: terminated already
+                    break
+        self.manager.terminate()
 
     def _route(self, event: dict[str, Any]) -> None:
         if event.get("method") == "DROPPED":
@@ -246,6 +297,8 @@ class _Local:
         # worker may register the same operation with other limits), and the
         # route exists before the task does (its first events must find it).
         with self._creating:
+            if self._closing:
+                raise RuntimeError("the Dask worker is closing")
             local_id: str = spec["task_id"]
             with self.lock:
                 copy = 1
@@ -299,16 +352,17 @@ class _Local:
                 del self._forwarders[local_id]
 
 
-_locals: dict[float, _Local] = {}
-_locals_lock = threading.Lock()
+_the_local: _Local | None = None
+_local_lock = threading.Lock()
 
 
-def _local(cancel_grace: float) -> _Local:
-    with _locals_lock:
-        local = _locals.get(cancel_grace)
-        if local is None:
-            local = _locals[cancel_grace] = _Local(cancel_grace)
-        return local
+def _local() -> _Local:
+    """This worker process's one _Local (whatever the supervisors' cancel graces)."""
+    global _the_local
+    with _local_lock:
+        if _the_local is None:
+            _the_local = _Local()
+        return _the_local
 
 
 def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +401,7 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     outcome = {"worker": worker.address}
     try:
         animator = pickle.loads(spec["animator"])
-        local = _local(spec["cancel_grace"])
+        local = _local()
         local_id = local.create(spec, animator, forwarder)
     except Exception as exc:
         reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
@@ -428,6 +482,7 @@ def _watch(
     import distributed
 
     cancel = distributed.Event(spec["cancel"], client=client)
+    grace = min(float(spec["cancel_grace"]), GRACE_CEILING)
 
     def watch_cancel() -> None:
         # NOTE: a thread of its own: a call to the scheduler may hang while
@@ -441,6 +496,9 @@ def _watch(
         else:
             return
         local.cancel(local_id, forwarder)
+        # NOTE: the supervisor's grace, not the local Manager's (a ceiling)
+        if not forwarder.done.wait(grace):
+            local.kill(local_id, forwarder, f"killed after cancel grace period ({grace:g} s)")
 
     threading.Thread(target=watch_cancel, name=f"housekeeping-cancel-{local_id}",
                      daemon=True).start()
