@@ -6,6 +6,8 @@ Routes (``{id}`` is a task id)::
     POST /api/v1/tasks              TaskCollection   create
     GET  /api/v1/tasks/{id}         TaskItem
     POST /api/v1/tasks/{id}/cancel  TaskCancel
+    GET  /api/v1/tasks/{id}/log     TaskLogLines     JSON page, or SSE with ?follow=true
+                                                     (rest.log_stream)
     GET  /api/v1/task-events        TaskEvents       SSE (rest.stream)
     GET  /api/v1/openapi.json       OpenApiDocument
     GET  /api/v1/operations         Operations       what the caller may create
@@ -28,6 +30,7 @@ import falcon
 
 from rest.auth import Guard
 from rest.errors import ApiError, serialize_error
+from rest.log_stream import TaskLogLines
 from rest.openapi import OpenApiDocument
 from rest.operations import Operations
 from rest.resources import API_PREFIX, Health, TaskCancel, TaskCollection, TaskItem
@@ -74,8 +77,9 @@ class AlreadyRegistered(RuntimeError):
 class RestOptions:
     """Tunables of the REST layer."""
 
-    #: Event streams open at once; each holds a server thread (waitress: keep it
-    #: well below ``threads``). One more is answered 503.
+    #: Event streams open at once, task-event and followed-log streams together;
+    #: each holds a server thread (waitress: keep it well below ``threads``). One
+    #: more is answered 503.
     max_streams: int = 4
     #: Seconds of silence on an event stream before a keep-alive comment.
     keepalive: float = 15.0
@@ -164,6 +168,7 @@ def register_handlers(
     app.add_route(f"{API_PREFIX}/tasks", TaskCollection(manager, guard))
     app.add_route(f"{API_PREFIX}/tasks/{{task_id}}", TaskItem(manager, guard))
     app.add_route(f"{API_PREFIX}/tasks/{{task_id}}/cancel", TaskCancel(manager, guard))
+    app.add_route(f"{API_PREFIX}/tasks/{{task_id}}/log", TaskLogLines(streams, guard))
     app.add_route(f"{API_PREFIX}/task-events", TaskEvents(streams, guard))
     app.add_route(f"{API_PREFIX}/openapi.json", OpenApiDocument(auth=guard.enabled))
     if options.health_path:

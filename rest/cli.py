@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 #: ``--max-queued`` by default: a server is bounded unless told otherwise.
 DEFAULT_MAX_QUEUED = 10_000
+#: ``--log-limit`` by default: bytes of output kept per task.
+# NOTE: supervisor.manager.DEFAULT_LOG_LIMIT, not imported: the parser is built
+# before check_supervisor_package() may say that `supervisor` is someone else's.
+DEFAULT_LOG_LIMIT = 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks waiting for a slot before 429 (default: %(default)s)")
     add("--cancel-grace", type=_seconds, default=5.0, metavar="S",
         help="seconds a canceled task gets before it is killed (default: %(default)s)")
+    add("--log-limit", type=_positive, default=DEFAULT_LOG_LIMIT, metavar="BYTES",
+        help="bytes of output (stdout, stderr) kept per task, its newest lines "
+             "(default: %(default)s, 1 MiB)")
     add("--threads", type=_positive, default=8, metavar="N",
         help="waitress request threads (default: %(default)s)")
     add("--max-streams", type=_positive, default=None, metavar="N",
@@ -119,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dask", metavar="ADDRESS",
         help="run tasks on the Dask cluster whose scheduler is at ADDRESS "
              "(e.g. tcp://10.0.0.5:8786); 'local' starts a LocalCluster on loopback "
-             "with a single-threaded worker process per CPU. Needs housekeeping[dask]")
+             "with a single-threaded worker process per CPU. Needs housekeeping-supervisor[dask]")
+    add("--dask-dashboard", metavar="HOST:PORT",
+        help="with --dask local, serve Dask's dashboard (it needs bokeh) at HOST:PORT; a "
+             "non-loopback HOST needs --insecure (default: none, and no port for it)")
     add("--no-demo", action="store_true", help="do not register the SLEEP and HASH demo animators")
     add("--no-private-pids", action="store_true",
         help="run tasks without a PID namespace of their own (by default each task gets "
@@ -168,7 +178,7 @@ def serve(args: argparse.Namespace) -> int:
 
     stop = install_signal_handlers()
     return_large_blocks()  # NOTE: big bodies' memory goes back to the system once freed
-    backend = _backend(args.dask)
+    backend = _backend(args.dask, _dask_dashboard(args))
     try:
         # NOTE: the server is a child subreaper (the library's default is not:
         # it changes the host): a daemon that escaped both its task process
@@ -178,6 +188,7 @@ def serve(args: argparse.Namespace) -> int:
             max_workers=args.max_workers,
             max_queued=args.max_queued,
             cancel_grace=args.cancel_grace,
+            log_limit=args.log_limit,
             subreaper=backend is None,
             backend=backend,
             sandbox=_sandbox(args),
@@ -221,8 +232,31 @@ def serve(args: argparse.Namespace) -> int:
     return RET_OK if ok else RET_FAILED
 
 
-def _backend(dask: str | None) -> Any:
-    """The backend ``--dask`` asks for (None: the local one).
+def _dask_dashboard(args: argparse.Namespace) -> str | None:
+    """``--dask-dashboard``, checked: HOST:PORT, only with ``--dask local``, on
+    loopback unless ``--insecure`` (Dask's dashboard has no authentication)."""
+    address: str | None = args.dask_dashboard
+    if address is None:
+        return None
+    if args.dask != "local":
+        raise CommandError(RET_USAGE, "--dask-dashboard needs --dask local (another "
+                           "cluster's scheduler serves its own dashboard)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise CommandError(RET_USAGE, f"--dask-dashboard {address}: give HOST:PORT, "
+                           f"e.g. 127.0.0.1:8787")
+    from rest.server import is_loopback
+
+    if not is_loopback(host.strip("[]")) and not args.insecure:
+        raise CommandError(RET_INSECURE, f"refusing to serve the Dask dashboard on "
+                           f"non-loopback {host} (it has no authentication); add "
+                           f"--insecure to do it anyway")
+    return address
+
+
+def _backend(dask: str | None, dashboard: str | None = None) -> Any:
+    """The backend ``--dask`` asks for (None: the local one), with Dask's dashboard
+    at ``dashboard`` (``--dask local`` only; None: none).
 
     Raises:
         CommandError: distributed is not installed, or the scheduler is unreachable.
@@ -233,10 +267,10 @@ def _backend(dask: str | None) -> Any:
         from supervisor.dask_backend import DaskBackend
     except ImportError as exc:
         raise CommandError(RET_DASK, f"--dask needs the dask extra "
-                           f"(pip install 'housekeeping[dask]'): {exc}") from None
+                           f"(pip install 'housekeeping-supervisor[dask]'): {exc}") from None
     try:
         if dask == "local":
-            backend = DaskBackend.local()
+            backend = DaskBackend.local(dashboard_address=dashboard)
         else:
             backend = DaskBackend(dask)
     except (OSError, TimeoutError, ValueError) as exc:

@@ -4,17 +4,21 @@ Commands::
 
     tasks list [--operation OP] [--state S] [--json]
     tasks get ID [--json]
-    tasks create OP [--object-id X] [--args JSON] [--wait] [--json]
+    tasks create OP [--object-id X] [--args JSON] [--wait [--logs]] [--json]
     tasks cancel ID [--json]
     tasks watch [ID ...] [--operation OP]
+    tasks logs ID [--follow] [--after N] [--json]
 
 The server and the token come from ``--url`` / ``--token`` or the
 ``HOUSEKEEPING_URL`` / ``HOUSEKEEPING_TOKEN`` environment variables. Following
 tasks (``watch``, ``create --wait``) reads the event stream; when the stream
 breaks, the client reconnects and re-reads the tasks it follows (the server
 keeps no event history, so there is no ``Last-Event-ID`` to resume from), and
-merges what it gets by ``meta.version``. Every failure ends with one line on
-stderr and one of the ``RET_*`` codes, never a traceback.
+merges what it gets by ``meta.version``. Following a log (``logs --follow``,
+``create --wait --logs``) reads the log's own stream and, when it breaks or
+the server drops it for being slow, reconnects with ``after=`` the last seq
+seen, so no line is shown twice or skipped. Every failure ends with one line
+on stderr and one of the ``RET_*`` codes, never a traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ Task = dict[str, Any]
 Event = dict[str, Any]
 #: What :meth:`ApiClient.events` yields once the stream is open, before any event.
 OPENED: Event = {"method": "OPENED"}
+
+#: Lines asked for per ``GET /tasks/{id}/log`` page (the server allows up to 10,000).
+LOG_PAGE = 1000
+#: Seconds ``create --wait --logs`` waits, once the task ended, for the end of its log.
+LOG_DRAIN = 5.0
 
 
 class ClientError(Exception):
@@ -129,26 +138,49 @@ class ApiClient:
         """``POST /tasks/{id}/cancel``."""
         return dict(self.request("POST", f"/tasks/{_quote(task_id)}/cancel"))
 
+    def get_log(self, task_id: str, after: int = 0, limit: int = LOG_PAGE) -> dict[str, Any]:
+        """``GET /tasks/{id}/log``: one page of the task's log."""
+        return dict(self.request("GET", f"/tasks/{_quote(task_id)}/log",
+                                 params={"after": after, "limit": limit}))
+
     def events(self, operation: str | None = None) -> Generator[Event, None, None]:
         """Yield :data:`OPENED`, then each event of ``/task-events`` until the stream ends.
 
         Raises:
             ClientError: the stream could not be opened, or broke (``RET_CONNECTION``).
         """
-        params = {"operation": operation} if operation else None
+        params = {"operation": operation} if operation else {}
+        yield from self._stream("/task-events", params, parse_sse)
+
+    def log_events(self, task_id: str, after: int = 0) -> Generator[Event, None, None]:
+        """Yield :data:`OPENED`, then ``{"method": "line", "line": {...}}`` per log line
+        and a last ``{"method": "end", "next", "dropped"}`` when the log is complete.
+
+        The stream may also end without ``end`` (the server dropped a slow
+        reader, or is shutting down): see :class:`LogFollower`.
+
+        Raises:
+            ClientError: the stream could not be opened, or broke (``RET_CONNECTION``).
+        """
+        params = {"follow": "true", "after": str(after)}
+        yield from self._stream(f"/tasks/{_quote(task_id)}/log", params, parse_log_sse)
+
+    def _stream(
+        self, path: str, params: dict[str, str], parse: Callable[[Iterator[str]], Iterator[Event]]
+    ) -> Generator[Event, None, None]:
         # NOTE: the server sends a keep-alive comment every 15 s; a read that waits
         # much longer than that means the connection is dead.
         timeout = httpx.Timeout(self._timeout, read=max(self._timeout, 45.0))
         try:
             with self._http.stream(
-                "GET", API_PREFIX + "/task-events", params=params, timeout=timeout,
+                "GET", API_PREFIX + path, params=params or None, timeout=timeout,
                 headers={"Accept": "text/event-stream"},
             ) as response:
                 if response.is_error:
                     response.read()
                     raise self._http_error(response)
                 yield OPENED
-                yield from parse_sse(response.iter_lines())
+                yield from parse(response.iter_lines())
         except httpx.HTTPError as exc:
             raise self._connection_error(exc) from None
 
@@ -172,6 +204,22 @@ class ApiClient:
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Turn ``text/event-stream`` lines into events (``data`` parsed as JSON)."""
+    for name, event in sse_messages(lines):
+        event.setdefault("method", name)
+        yield event
+
+
+def parse_log_sse(lines: Iterator[str]) -> Iterator[Event]:
+    """Turn a log's ``text/event-stream`` lines into ``line`` and ``end`` events."""
+    for name, data in sse_messages(lines):
+        if name == "line":
+            yield {"method": "line", "line": data}
+        elif name == "end":
+            yield {**data, "method": "end"}
+
+
+def sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(event name, data)`` per SSE message whose data is a JSON object."""
     name = ""
     data: list[str] = []
     for line in lines:
@@ -179,12 +227,11 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
         if not line:
             if data:
                 try:
-                    event = json.loads("\n".join(data))
+                    value = json.loads("\n".join(data))
                 except ValueError:
-                    event = None
-                if isinstance(event, dict):
-                    event.setdefault("method", name)
-                    yield event
+                    value = None
+                if isinstance(value, dict):
+                    yield name, value
             name, data = "", []
         elif line.startswith(":"):
             continue
@@ -195,6 +242,34 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
                 name = value
             elif field == "data":
                 data.append(value)
+
+
+class Reconnects:
+    """When a followed stream broke: wait 0.2 s to 3 s (longer each try) before the
+    next connection, and give up once it stayed broken for ``reconnect_for`` s."""
+
+    def __init__(self, reconnect_for: float, sleep: Callable[[float], None],
+                 clock: Callable[[], float]) -> None:
+        self.reconnect_for = reconnect_for
+        self._sleep = sleep
+        self._clock = clock
+        self.attempt = 0  #: tries since the last progress (the back-off's step)
+        self.broken_since: float | None = None
+
+    def wait(self, last_error: str) -> None:
+        """Back off before the next try.
+
+        Raises:
+            ClientError: broken for ``reconnect_for`` seconds (``last_error`` says why).
+        """
+        now = self._clock()
+        self.broken_since = self.broken_since if self.broken_since is not None else now
+        if now - self.broken_since >= self.reconnect_for:
+            raise ClientError(
+                RET_CONNECTION,
+                f"{last_error}; gave up reconnecting after {self.reconnect_for:g} s")
+        self._sleep(RECONNECT_DELAYS[min(self.attempt, len(RECONNECT_DELAYS) - 1)])
+        self.attempt += 1
 
 
 class Follower:
@@ -228,9 +303,7 @@ class Follower:
         self.connections = 0
         self._on_change = on_change
         self._on_delete = on_delete
-        self._reconnect_for = reconnect_for
-        self._sleep = sleep
-        self._clock = clock
+        self._reconnects = Reconnects(reconnect_for, sleep, clock)
 
     def done(self) -> bool:
         """Tell whether every followed id reached a terminal state (never, for "all")."""
@@ -245,15 +318,14 @@ class Follower:
                 exist, the credentials are refused, or the stream stayed broken
                 for ``reconnect_for`` seconds.
         """
-        attempt = 0
-        broken_since: float | None = None
+        reconnects = self._reconnects
         while True:
             stream = self.api.events(self.operation)
             try:
                 for event in stream:
                     if event is OPENED:
                         self.connections += 1
-                        attempt, broken_since = 0, None
+                        reconnects.attempt, reconnects.broken_since = 0, None
                         self._reread()
                     elif event.get("method") == "DROPPED":
                         break  # NOTE: it fell behind and lost events: reconnect, re-read
@@ -269,14 +341,7 @@ class Follower:
                 last_error = "the event stream ended"
             finally:
                 stream.close()  # NOTE: closes the connection now, not when collected
-            now = self._clock()
-            broken_since = broken_since if broken_since is not None else now
-            if now - broken_since >= self._reconnect_for:
-                raise ClientError(
-                    RET_CONNECTION,
-                    f"{last_error}; gave up reconnecting after {self._reconnect_for:g} s")
-            self._sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
-            attempt += 1
+            reconnects.wait(last_error)
 
     def _reread(self) -> None:
         if self.ids is None:
@@ -371,6 +436,8 @@ def add_tasks_parser(commands: Any) -> None:
     create.add_argument("--wait", action="store_true",
                         help="follow it with a progress bar; exit 0 SUCCEEDED, 1 FAILED, "
                              "2 CANCELED")
+    create.add_argument("--logs", action="store_true",
+                        help="with --wait (implied): show the task's log above the bar")
     create.add_argument("--json", **show_json)
 
     cancel = sub.add_parser("cancel", parents=[common], help="ask a task to stop")
@@ -382,6 +449,18 @@ def add_tasks_parser(commands: Any) -> None:
         help="live progress bars of the given tasks (until they end) or of all tasks")
     watch.add_argument("ids", nargs="*", metavar="ID")
     watch.add_argument("--operation", metavar="OP", help="without IDs: only this operation")
+
+    logs = sub.add_parser(
+        "logs", parents=[common],
+        help="print a task's output: TIME STREAM TEXT per line (stdout and stderr)")
+    logs.add_argument("id")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep printing until the task's log ends; exit 0 SUCCEEDED, "
+                           "1 FAILED, 2 CANCELED")
+    logs.add_argument("--after", type=_seq_arg, default=0, metavar="N",
+                      help="only the lines after seq N (default: %(default)s, all)")
+    logs.add_argument("--json", action="store_true",
+                      help="print each line as the API's JSON, one per line")
 
 
 def run_tasks_command(
@@ -452,6 +531,9 @@ def _get(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
 
 
 def _create(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    if args.logs and args.json:
+        raise ClientError(RET_API, "--logs shows the log above the bar and cannot be combined "
+                          "with --json; use `housekeeping tasks logs ID --json`")
     body: dict[str, Any] = {"operation": args.operation}
     if args.object_id is not None:
         body["objectId"] = args.object_id
@@ -464,7 +546,7 @@ def _create(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
             raise ClientError(RET_API, "--args must be a JSON object, e.g. '{\"seconds\": 5}'")
     task = api.create_task(body)
     task_id = str(task["meta"]["id"])
-    if not args.wait:
+    if not (args.wait or args.logs):
         if args.json:
             _print_json(console, task)
         else:
@@ -472,7 +554,7 @@ def _create(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
 
             console.print(tasks_table([task]))
         return RET_OK
-    return _follow(api, [task_id], console, json_out=args.json)
+    return _follow(api, [task_id], console, json_out=args.json, logs=args.logs)
 
 
 def _cancel(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
@@ -498,12 +580,30 @@ def _watch(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
     return RET_OK  # pragma: no cover - following every task ends only by Ctrl-C or an error
 
 
-def _follow(api: ApiClient, ids: list[str], console: Console, *, json_out: bool = False) -> int:
-    from rest.client_render import LiveBars, clean, reason
+def _follow(api: ApiClient, ids: list[str], console: Console, *, json_out: bool = False,
+            logs: bool = False) -> int:
+    from rest.client_logs import LogTail, note_dropped
+    from rest.client_render import LiveBars, LogPrinter, clean, reason
 
     with LiveBars(console) as bars:
+        tail = LogTail(api, ids[0], LogPrinter(console, above=bars).show) if logs else None
+        if tail is not None:
+            tail.start()
         follower = Follower(api, ids, on_change=bars.show)
-        follower.run()
+        try:
+            follower.run()
+            # NOTE: a log completes once the task's pipes close, just after it ended.
+            ended = tail.finish(LOG_DRAIN) if tail is not None else True
+        finally:
+            if tail is not None:
+                tail.finish(0)
+    if tail is not None:
+        if tail.error is not None:
+            print(f"housekeeping: the task's log: {tail.error}", file=sys.stderr)
+        elif not ended:
+            print(f"housekeeping: the task's log did not end within {LOG_DRAIN:g} s of the "
+                  "task; see `housekeeping tasks logs ID`", file=sys.stderr)
+        note_dropped(tail.follower.dropped, 0)
     tasks = [follower.tasks[task_id] for task_id in follower.ids or []]
     for task in tasks:
         if json_out:
@@ -519,6 +619,35 @@ def _follow(api: ApiClient, ids: list[str], console: Console, *, json_out: bool 
     return outcome_code(tasks)
 
 
+def _logs(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
+    from rest.client_logs import LogFollower, not_found, note_dropped, read_log
+    from rest.client_render import LogPrinter
+
+    printer = LogPrinter(console, json_out=args.json)
+    if not args.follow:
+        page = read_log(api, args.id, args.after, printer.show)
+        note_dropped(page.get("dropped"), args.after)
+        return RET_OK
+    follower = LogFollower(api, args.id, after=args.after, on_line=printer.show)
+    follower.run()
+    note_dropped(follower.dropped, args.after)
+    try:
+        task = api.get_task(args.id)
+    except ClientError as exc:
+        if not_found(exc):
+            raise ClientError(
+                RET_API, f"task {args.id} was purged before its outcome was seen") from None
+        raise
+    return outcome_code([task])
+
+
+def _seq_arg(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def _quote(task_id: str) -> str:
     from urllib.parse import quote
 
@@ -531,4 +660,5 @@ _COMMANDS: dict[str, Callable[[ApiClient, argparse.Namespace, Console], int]] = 
     "create": _create,
     "cancel": _cancel,
     "watch": _watch,
+    "logs": _logs,
 }

@@ -1,4 +1,5 @@
-"""Terminal output of ``housekeeping tasks``: tables, one task, live progress bars (rich).
+"""Terminal output of ``housekeeping tasks``: tables, one task, live progress bars, log
+lines (rich).
 
 Every string that comes from the server (task messages are written by
 animators) is shown as plain text: never parsed as rich markup, and with
@@ -19,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, RenderableType
     from rich.progress import Task as RichTask
 
 TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
@@ -33,6 +34,11 @@ STATE_STYLES = {
     "FAILED": "bold red",
     "CANCELED": "magenta",
 }
+
+#: rich style of each stream of a task's log (the STREAM column says which it is).
+STREAM_STYLES = {"stdout": "", "stderr": "red"}
+#: Characters of one log line shown at most (the server splits lines at 16 KiB).
+LOG_TEXT_LIMIT = 17_000
 
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
@@ -159,6 +165,60 @@ def _bytes(progress: dict[str, Any]) -> str:
     return ""
 
 
+def log_time(stamp: Any) -> str:
+    """A line's RFC 3339 time cut to milliseconds: ``2026-12-03T00:17:21.319Z``."""
+    text = clean(stamp, 40)
+    if len(text) == 27 and text[19] == "." and text.endswith("Z"):
+        return text[:23] + "Z"
+    return text
+
+
+def log_line_parts(line: dict[str, Any]) -> tuple[str, str, str]:
+    """The ``TIME``, ``STREAM`` and ``TEXT`` of a log line, as safe plain text.
+
+    Tabs become spaces (harmless, and common in output); every other control
+    character becomes ``?``, as elsewhere.
+    """
+    text = line.get("text")
+    text = text.expandtabs() if isinstance(text, str) else ""
+    return (log_time(line.get("time")), f"{clean(line.get('stream'), 6):<6}",
+            clean(text, LOG_TEXT_LIMIT))
+
+
+def log_line_text(line: dict[str, Any]) -> Text:
+    """A log line as ``TIME STREAM TEXT``: the time dim, stderr lines in red."""
+    stamp, stream, text = log_line_parts(line)
+    style = STREAM_STYLES.get(stream.strip(), "")
+    return Text.assemble((stamp, "dim"), " ", (stream, style or "dim"), " ", (text, style))
+
+
+class LogPrinter:
+    """Prints a task's log lines: ``TIME STREAM TEXT``, or each line's JSON."""
+
+    def __init__(self, console: Console, *, json_out: bool = False,
+                 above: LiveBars | None = None) -> None:
+        """Print on ``console``, or above the live bars ``above``."""
+        self._console = console
+        self._json = json_out
+        self._above = above
+
+    def show(self, line: dict[str, Any]) -> None:
+        """Print one line (from the server: never markup, no control characters)."""
+        if self._above is not None:
+            self._above.print(log_line_text(line))
+            return
+        out = self._console.file
+        if self._json:
+            # NOTE: ensure_ascii also escapes C1 controls and bidi overrides,
+            # which a task's output may hold and json.dumps would otherwise keep.
+            out.write(json.dumps(line, ensure_ascii=True) + "\n")
+        elif self._console.is_terminal:
+            self._console.print(log_line_text(line), soft_wrap=True)
+        else:
+            out.write(" ".join(log_line_parts(line)) + "\n")
+        out.flush()
+
+
 class _StateColumn(ProgressColumn):
     """The state of the task behind a bar, coloured."""
 
@@ -207,6 +267,10 @@ class LiveBars:
                 description, total=100, completed=percent(task), task=task)
         else:
             self._progress.update(bar, completed=percent(task), task=task)
+
+    def print(self, renderable: RenderableType) -> None:
+        """Print a line above the bars (thread-safe, as rich's console is)."""
+        self._progress.console.print(renderable, soft_wrap=True)
 
     def hide(self, task_id: str) -> None:
         """Remove the bar of a task that was purged."""

@@ -7,7 +7,9 @@ Two sources::
     scrape --collect()--> manager.counts_by_operation(), counts(), psutil, open
                           streams (gauges computed when Prometheus asks; the
                           manager keeps its counts as it goes, so a scrape
-                          costs the same with 20 tasks or 20,000)
+                          costs the same with 20 tasks or 20,000), and
+                          manager.log_totals() (the task-log counters: the
+                          loop adds to them as it reads, nothing per line here)
 
 Start latency is the time from ``meta.timeCreated`` to the task's
 ``State change NEW ⇒ ACTIVE`` message; run time is from there to the
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rest.errors import ApiError
@@ -201,6 +203,23 @@ class TaskMetrics:
         yield GaugeMetricFamily(
             "housekeeping_sse_clients", "Event-stream clients connected now.",
             value=self._open_streams())
+        yield from self._log_counters()
+
+    def _log_counters(self) -> Iterator[Metric]:
+        """The task-log counters, as the manager has them (since it started)."""
+        captured = CounterMetricFamily(
+            "housekeeping_task_log_bytes",
+            "Bytes of task output captured (stdout, stderr, logging), by operation and stream.",
+            labels=["operation", "stream"])
+        dropped = CounterMetricFamily(
+            "housekeeping_task_log_dropped",
+            "Task log lines discarded to keep each task's newest output within its limit.",
+            labels=["operation", "stream"])
+        for (operation, stream), (size, lines) in sorted(self._manager.log_totals().items()):
+            captured.add_metric([operation, stream], size)
+            dropped.add_metric([operation, stream], lines)
+        yield captured
+        yield dropped
 
     def _started_at(self, task: TaskSnapshot) -> float | None:
         """When the task became ACTIVE, from its state-change message."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rest.errors import JSON_TYPE, encode_json
+from rest.log_stream import DEFAULT_PAGE, MAX_AFTER, MAX_PAGE
 from rest.resources import API_PREFIX
 from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, MAX_NAME_LENGTH
 
@@ -65,6 +66,25 @@ _TASK_ID: Schema = {
     "description": "The task's meta.id.",
     "schema": {"type": "string", "pattern": f"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$"},
 }
+
+_LOG_PARAMETERS: list[Schema] = [
+    {"name": "after", "in": "query", "required": False,
+     "description": "Only lines with a larger seq (seq counts from 1); the `next` of the "
+                    "previous answer. With follow, the Last-Event-ID header stands for it "
+                    "when it is absent.",
+     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_AFTER, "default": 0}},
+    {"name": "limit", "in": "query", "required": False,
+     "description": "At most this many lines in the page (a followed log has no "
+                    "pages: with follow it is checked, then not used).",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}},
+    {"name": "follow", "in": "query", "required": False,
+     "description": "true: answer a text/event-stream that follows the log to its end.",
+     "schema": {"type": "boolean", "default": False}},
+    {"name": "Last-Event-ID", "in": "header", "required": False,
+     "description": "With follow and no `after`: the seq of the last line received (what an "
+                    "EventSource sends when it reconnects).",
+     "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
+]
 
 _SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -180,6 +200,45 @@ _SCHEMAS: dict[str, Schema] = {
             "message": {"type": "string"},
         },
     },
+    "LogLine": {
+        "description": "One line a task's processes wrote (split at a newline and at 16 KiB; "
+                       "bytes that are not UTF-8 replaced by U+FFFD). Also the data of each "
+                       "`event: line` of a followed log, whose `id:` is the seq.",
+        "type": "object",
+        "required": ["seq", "time", "stream", "text"],
+        "additionalProperties": False,
+        "properties": {
+            "seq": {"type": "integer", "minimum": 1},
+            "time": _TIME,
+            "stream": {"enum": ["stdout", "stderr"]},
+            "text": {"type": "string"},
+        },
+    },
+    "TaskLog": {
+        "description": "A page of a task's log: its newest output is kept within the "
+                       "server's log limit, older lines are dropped and counted.",
+        "type": "object",
+        "required": ["lines", "next", "dropped", "complete"],
+        "additionalProperties": False,
+        "properties": {
+            "lines": {"type": "array", "items": _ref("LogLine")},
+            "next": {"type": "integer", "minimum": 0,
+                     "description": "The `after` of the next page (the request's `after` "
+                                    "when there is nothing new)."},
+            "dropped": {**_COUNT, "description": "Lines discarded so far."},
+            "complete": {"type": "boolean",
+                         "description": "The task is terminal, its output ended, and this "
+                                        "page reaches the end of the log."},
+        },
+    },
+    "LogEnd": {
+        "description": "The data of the last event (event: end) of a followed log: the log "
+                       "is complete, or the task was purged.",
+        "type": "object",
+        "required": ["next", "dropped"],
+        "additionalProperties": False,
+        "properties": {"next": _COUNT, "dropped": _COUNT},
+    },
     "Sandbox": {
         "type": "object",
         "description": "How the kernel confines the operation's task processes, as in effect.",
@@ -272,6 +331,14 @@ def build_document(*, auth: bool) -> dict[str, Any]:
         "sent when idle. A client that fell too far behind receives `event: DROPPED` "
         "(data: DroppedEvent) and the stream ends."
     )
+    log_stream = (
+        "Without follow: a TaskLog. With follow=true: a text/event-stream that sends "
+        "every kept line after `after`, then each new line, as `id: <seq>`, `event: line`, "
+        "`data:` a LogLine; then `event: end` (data: LogEnd) once the log is complete or "
+        "the task was purged, and the stream closes. Comments (`: keep-alive`) are sent "
+        "when idle; a stream closed without `end` (server shutdown) can be resumed with "
+        "Last-Event-ID. It counts against the same limit as the task-event streams."
+    )
     paths: dict[str, Schema] = {
         f"{API_PREFIX}/tasks": {
             "get": operation(
@@ -303,6 +370,17 @@ def build_document(*, auth: bool) -> dict[str, Any]:
                          "content": _json({"anyOf": [_ref("Task"), _ref("PurgedTask"),
                                                      _ref("CancelAcknowledged")]})}},
                 ["401", "403", "404", "503"], parameters=[_TASK_ID]),
+        },
+        f"{API_PREFIX}/tasks/{{id}}/log": {
+            "get": operation(
+                "getTaskLog",
+                "Read a task's captured output (stdout, stderr, logging), a page at a time, "
+                "or follow it live.",
+                {"200": {"description": log_stream,
+                         "content": {**_json(_ref("TaskLog")),
+                                     "text/event-stream": {"schema": {"type": "string"}}}}},
+                ["400", "401", "403", "404", "503"],
+                parameters=[_TASK_ID, *_LOG_PARAMETERS]),
         },
         f"{API_PREFIX}/task-events": {
             "get": operation(

@@ -49,6 +49,18 @@ class TaskManager(Protocol):
     def subscribe_changes(self, callback: Callable[[ChangeEvent], None]) -> Callable[[], None]:
         """Deliver the shared change events to ``callback``; return the unsubscribe function."""
 
+    def get_log(self, task_id: str, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """Return the task's log lines above ``after`` (``{"lines", "next", "dropped",
+        "complete"}``)."""
+
+    def subscribe_log(self, task_id: str, callback: Callable[[dict[str, Any]], None], *,
+                      after: int | None = None) -> Callable[[], None]:
+        """Deliver the task's log lines (those above ``after`` first), then one last
+        ``{"end", "next"}``, to ``callback``; return the unsubscribe function."""
+
+    def log_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Return (bytes captured, lines dropped) by (operation, stream), so far."""
+
     def registered_operations(self) -> list[str]:
         """Return the operations that have an animator, sorted."""
 

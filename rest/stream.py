@@ -1,21 +1,24 @@
-"""``GET /api/v1/task-events``: the manager's change events as Server-Sent Events.
+"""Server-Sent Event streams: the task-event stream, and the machinery every stream shares.
 
 Each stream subscribes to the manager and owns a small mailbox::
 
-    manager subscriber thread --deliver()--> mailbox --> waitress thread --> client
-          (blocks while the mailbox is full,         (yields one SSE event
-           so the manager's bounded backlog           per change, a comment
-           fills and it drops a stuck client)         when idle)
+    manager subscriber thread --put()--> mailbox --> waitress thread --> client
+          (blocks while the mailbox is full,      (yields SSE messages as
+           so the manager's bounded backlog        they come, a comment
+           fills and it drops a stuck client)      when idle)
 
 A stream holds one waitress thread for its whole life, so their number is
-bounded (:class:`EventStreams` answers 503 beyond it), idle streams send a
-keep-alive comment (which also finds clients that went away), and
-:meth:`EventStreams.close` ends every stream at shutdown.
+bounded (:class:`EventStreams` answers 503 beyond it, for task-event and
+task-log streams together), idle streams send a keep-alive comment (which
+also finds clients that went away), and :meth:`EventStreams.close` ends every
+stream at shutdown. :class:`SseStream` is that shared part; a kind of stream
+says only how one mailbox item is written (``render``).
 
-Wire format: ``event: POST|PATCH|DELETE`` and ``data:`` the event JSON
-(``{"method", "uri", "scope", "task"}``). A client that fell too far behind
-gets a last ``event: DROPPED`` and the stream ends: reconnect, then re-read
-the task list.
+``/api/v1/task-events`` wire format: ``event: POST|PATCH|DELETE`` and
+``data:`` the event JSON (``{"method", "uri", "scope", "task"}``). A client
+that fell too far behind gets a last ``event: DROPPED`` and the stream ends:
+reconnect, then re-read the task list. The log stream is in
+:mod:`rest.log_stream`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rest.errors import ApiError, encode_json
 from rest.resources import operation_param
@@ -49,6 +52,8 @@ _OPENING = b"retry: 3000\n: housekeeping task events\n\n"
 _KEEPALIVE = b": keep-alive\n\n"
 _CLOSING = b": server shutting down\n\n"
 
+S = TypeVar("S", bound="SseStream")
+
 
 def format_event(event: ChangeEvent) -> bytes:
     """Encode one change event as an SSE message (its JSON spliced from the snapshot)."""
@@ -64,7 +69,8 @@ def format_dropped() -> bytes:
 
 
 class EventStreams:
-    """The open event streams of one app: opens them within a bound, ends them all."""
+    """The open streams of one app (task events and task logs): opens them within one
+    bound, ends them all."""
 
     def __init__(
         self,
@@ -83,7 +89,7 @@ class EventStreams:
             max_streams: how many streams may be open at once (each holds a
                 server thread); one more is answered 503.
             keepalive: seconds of silence after which a comment is sent.
-            mailbox_size: events buffered per stream before delivery blocks.
+            mailbox_size: items buffered per stream before delivery blocks.
         """
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -91,9 +97,9 @@ class EventStreams:
         self._guard = guard
         self.max_streams = max_streams
         self.keepalive = keepalive
-        self._mailbox_size = mailbox_size
+        self.mailbox_size = mailbox_size
         self._lock = threading.Lock()
-        self._open: set[EventStream] = set()
+        self._open: set[SseStream] = set()
         self._closed = False
 
     @property
@@ -102,7 +108,17 @@ class EventStreams:
         return len(self._open)
 
     def open(self, subject: Any, operation: str | None) -> EventStream:
-        """Subscribe a new stream for ``subject``, filtered to ``operation``.
+        """Subscribe a new task-event stream for ``subject``, filtered to ``operation``.
+
+        Raises:
+            ApiError: 503 when the server is shutting down or too many streams are open.
+        """
+        stream = EventStream(self, subject, operation, self.mailbox_size)
+        return self.admit(stream, lambda: self.manager.subscribe_changes(stream.deliver))
+
+    def admit(self, stream: S, subscribe: Callable[[], Callable[[], None]]) -> S:
+        """Take a slot for ``stream``, then subscribe it (``subscribe`` returns the
+        unsubscribe); the slot comes back if subscribing raises.
 
         Raises:
             ApiError: 503 when the server is shutting down or too many streams are open.
@@ -116,10 +132,9 @@ class EventStreams:
                     f"too many event streams open (limit {self.max_streams}); retry later",
                     headers={"Retry-After": "5"},
                 )
-            stream = EventStream(self, subject, operation, self._mailbox_size)
             self._open.add(stream)
         try:
-            stream.unsubscribe = self.manager.subscribe_changes(stream.deliver)
+            stream.unsubscribe = subscribe()
         except BaseException:
             self.release(stream)
             raise
@@ -134,7 +149,7 @@ class EventStreams:
             return False
         return self._guard.allows("view", subject, task.operation)
 
-    def release(self, stream: EventStream) -> None:
+    def release(self, stream: SseStream) -> None:
         """Forget a stream that ended (called by the stream itself)."""
         with self._lock:
             self._open.discard(stream)
@@ -148,16 +163,22 @@ class EventStreams:
             stream.end()
 
 
-class EventStream:
-    """One client's stream: the WSGI response iterable (waitress calls ``close``)."""
+class SseStream:
+    """One client's stream: the WSGI response iterable (waitress calls ``close``).
 
-    def __init__(
-        self, streams: EventStreams, subject: Any, operation: str | None, mailbox_size: int
-    ) -> None:
+    A subscriber thread hands items to :meth:`put`; the waitress thread takes
+    up to :attr:`batch` of them at a time and writes what :meth:`render` makes
+    of them as one chunk.
+    """
+
+    #: the first chunk: the reconnect delay and a comment
+    opening = _OPENING
+    #: mailbox items written per chunk at most
+    batch = 1
+
+    def __init__(self, streams: EventStreams, mailbox_size: int) -> None:
         self._streams = streams
-        self._subject = subject
-        self._operation = operation
-        self._mailbox: deque[ChangeEvent] = deque()
+        self._mailbox: deque[Any] = deque()
         self._mailbox_size = mailbox_size
         self._cond = threading.Condition()
         self._ended = False  # set by close() or end(); read under _cond
@@ -166,16 +187,18 @@ class EventStream:
         #: tells whether the client hung up (waitress's ``client_disconnected``), if known
         self.client_gone: Callable[[], bool] | None = None
 
-    def deliver(self, event: ChangeEvent) -> None:
-        """Take one event from the manager (its subscriber thread); filter and queue it."""
-        if not self._streams.visible(self._subject, self._operation, event):
-            return
+    def put(self, item: Any) -> None:
+        """Queue one item, waiting while the mailbox is full (dropped once the stream ended)."""
         with self._cond:
             while len(self._mailbox) >= self._mailbox_size and not self._ended:
                 self._cond.wait()
             if not self._ended:
-                self._mailbox.append(event)
+                self._mailbox.append(item)
                 self._cond.notify_all()
+
+    def render(self, item: Any) -> tuple[bytes, bool]:
+        """Return the SSE bytes of one item, and whether the stream ends after it."""
+        raise NotImplementedError
 
     def end(self) -> None:
         """Make the stream finish (its iterator says goodbye and stops)."""
@@ -189,7 +212,7 @@ class EventStream:
     def _chunks(self) -> Iterator[bytes]:
         # NOTE: send something at once: waitress sends the headers with the first
         # chunk, and a client knows from it that it is subscribed.
-        yield _OPENING
+        yield self.opening
         keepalive = self._streams.keepalive
         # NOTE: a client that went away is noticed on the next write, or sooner
         # through waitress's client_disconnected check, polled while idle; either
@@ -197,30 +220,39 @@ class EventStream:
         poll = min(keepalive, DISCONNECT_POLL) if self.client_gone else keepalive
         last_write = time.monotonic()
         while True:
-            event: ChangeEvent | None = None
+            items: list[Any] = []
             with self._cond:
                 if not self._mailbox and not self._ended:
                     self._cond.wait(poll)
-                if self._mailbox:
-                    event = self._mailbox.popleft()
+                while self._mailbox and len(items) < self.batch:
+                    items.append(self._mailbox.popleft())
+                if items:
                     self._cond.notify_all()
                 ended = self._ended
-            if event is None and ended:
-                yield _CLOSING
-                return
-            if event is None:
+            if not items:
+                if ended:
+                    yield _CLOSING
+                    return
                 if self.client_gone is not None and self.client_gone():
                     return
                 if time.monotonic() - last_write < keepalive:
                     continue
-                chunk = _KEEPALIVE
-            elif event.method == "DROPPED":
-                yield format_dropped()
+                yield _KEEPALIVE
+                last_write = time.monotonic()
+                continue
+            chunks: list[bytes] = []
+            last = False
+            for item in items:
+                chunk, last = self.render(item)
+                chunks.append(chunk)
+                if last:
+                    break
+            chunk = b"".join(chunks)
+            if chunk:
+                yield chunk
+                last_write = time.monotonic()
+            if last:
                 return
-            else:
-                chunk = format_event(event)
-            yield chunk
-            last_write = time.monotonic()
 
     def close(self) -> None:
         """Unsubscribe and free the slot; safe to call twice, and before iterating."""
@@ -234,6 +266,28 @@ class EventStream:
             except Exception:
                 log.exception("unsubscribing an event stream failed")
         self._streams.release(self)
+
+
+class EventStream(SseStream):
+    """One client's stream of change events."""
+
+    def __init__(
+        self, streams: EventStreams, subject: Any, operation: str | None, mailbox_size: int
+    ) -> None:
+        super().__init__(streams, mailbox_size)
+        self._subject = subject
+        self._operation = operation
+
+    def deliver(self, event: ChangeEvent) -> None:
+        """Take one event from the manager (its subscriber thread); filter and queue it."""
+        if self._streams.visible(self._subject, self._operation, event):
+            self.put(event)
+
+    def render(self, item: ChangeEvent) -> tuple[bytes, bool]:
+        """One change event; a DROPPED one is the last."""
+        if item.method == "DROPPED":
+            return format_dropped(), True
+        return format_event(item), False
 
 
 class TaskEvents:

@@ -468,3 +468,31 @@ class RerunOnce(Animator):
         while not ops.is_canceled():
             time.sleep(0.01)
         ops.set_state(TaskState.CANCELED)
+
+
+# -- task output (the REST log tests) --------------------------------------------------
+
+
+class GatedWriter(Animator):
+    """Write each ``[stream, text]`` of ``args.lines`` as a line of its own; after line
+    ``i`` wait for the file ``<args.gate>/<i>`` (the test's go-ahead), honouring cancel."""
+
+    def execute(self, ops: Any) -> Any:
+        args = _args(ops)
+        for index, (stream, text) in enumerate(args["lines"]):
+            os.write(1 if stream == "stdout" else 2, text.encode() + b"\n")
+            while not os.path.exists(os.path.join(args["gate"], str(index))):
+                if ops.is_canceled():
+                    ops.set_state(TaskState.CANCELED)
+                time.sleep(0.01)
+        return len(args["lines"])
+
+
+def register_logs(manager: Any) -> None:
+    """Register the writers of the REST log tests; for ``serve --animators animators:...``."""
+    import log_animators
+
+    manager.register_animator("GATED", GatedWriter())
+    manager.register_animator("PRINTER", log_animators.Printer())
+    manager.register_animator("FLOOD", log_animators.Flood())
+    manager.register_animator("RAW", log_animators.RawBytes())

@@ -63,6 +63,13 @@ class FakeManager:
         self._subscribers: dict[int, tuple[Callable[[Any], None], bool]] = {}
         self._keys = itertools.count(1)
         self._lock = threading.RLock()
+        #: task id -> its log lines; task id -> {key: follower callback}; (operation, stream) ->
+        #: [bytes, dropped] (the test controls write_log/end_log fill them)
+        self.logs: dict[str, list[dict[str, Any]]] = {}
+        self.log_dropped: dict[str, int] = {}
+        self.log_followers: dict[str, dict[int, Callable[[dict[str, Any]], None]]] = {}
+        self.log_totals_kept: dict[tuple[str, str], list[int]] = {}
+        self._log_ended: set[str] = set()
 
     # -- the Manager API the REST layer uses --------------------------------
 
@@ -159,6 +166,48 @@ class FakeManager:
 
         return unsubscribe
 
+    def get_log(self, task_id: str, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+        self._maybe_break("get_log")
+        with self._lock:
+            if task_id not in self.tasks:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            kept = self.logs.get(task_id, [])
+            lines = [dict(line) for line in kept if line["seq"] > after][:limit]
+            last = kept[-1]["seq"] if kept else 0
+            next_after = lines[-1]["seq"] if lines else after
+            complete = task_id in self._log_ended and next_after >= last
+            return {"lines": lines, "next": next_after,
+                    "dropped": self.log_dropped.get(task_id, 0), "complete": complete}
+
+    def subscribe_log(self, task_id: str, callback: Callable[[dict[str, Any]], None], *,
+                      after: int | None = None) -> Callable[[], None]:
+        """Deliver the stored lines above ``after`` at once (keep them few: the
+        caller's mailbox may block), then each line that write_log adds."""
+        self._maybe_break("subscribe_log")
+        key = next(self._keys)
+        with self._lock:
+            if task_id not in self.tasks:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            kept = self.logs.get(task_id, [])
+            start = after if after is not None else (kept[-1]["seq"] if kept else 0)
+            for line in kept:
+                if line["seq"] > start:
+                    callback(dict(line))
+            if task_id in self._log_ended:  # NOTE: as the manager: a complete log ends at once
+                callback({"end": "complete", "next": kept[-1]["seq"] if kept else start})
+                return lambda: None
+            self.log_followers.setdefault(task_id, {})[key] = callback
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self.log_followers.get(task_id, {}).pop(key, None)
+
+        return unsubscribe
+
+    def log_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        with self._lock:
+            return {key: (kept[0], kept[1]) for key, kept in self.log_totals_kept.items()}
+
     def registered_operations(self) -> list[str]:
         return sorted(self.validators)
 
@@ -217,10 +266,51 @@ class FakeManager:
             self._emit("PATCH", task)
 
     def purge(self, task_id: str) -> None:
-        """Remove a task from the table, publishing a DELETE."""
+        """Remove a task from the table, publishing a DELETE (and ending its log's followers)."""
         with self._lock:
             task = self.tasks.pop(task_id)
             self._emit("DELETE", task)
+            self.end_log(task_id, "purged")
+            self.logs.pop(task_id, None)
+
+    def write_log(self, task_id: str, stream: str, text: str) -> dict[str, Any]:
+        """Add one line to a task's log (as its process would), delivering it to followers."""
+        with self._lock:
+            kept = self.logs.setdefault(task_id, [])
+            line = {"seq": (kept[-1]["seq"] if kept else self.log_dropped.get(task_id, 0)) + 1,
+                    "time": _now(), "stream": stream, "text": text}
+            kept.append(line)
+            totals = self.log_totals_kept.setdefault(
+                (self.tasks[task_id]["operation"], stream), [0, 0])
+            totals[0] += len(text.encode()) + 1
+            for callback in list(self.log_followers.get(task_id, {}).values()):
+                callback(dict(line))
+            return line
+
+    def drop_log_lines(self, task_id: str, count: int) -> None:
+        """Discard a task's oldest ``count`` lines, counting them as dropped."""
+        with self._lock:
+            kept = self.logs[task_id]
+            gone, self.logs[task_id] = kept[:count], kept[count:]
+            self.log_dropped[task_id] = self.log_dropped.get(task_id, 0) + len(gone)
+            for line in gone:
+                self.log_totals_kept[(self.tasks[task_id]["operation"], line["stream"])][1] += 1
+
+    def end_log(self, task_id: str, why: str = "complete") -> None:
+        """Every follower of a task's log gets its last ``{"end": why, "next": N}``;
+        ``"complete"`` also marks the log complete, ``"behind"`` only drops them."""
+        with self._lock:
+            if why == "complete":
+                self._log_ended.add(task_id)
+            kept = self.logs.get(task_id, [])
+            followers = self.log_followers.pop(task_id, {})
+            next_after = kept[-1]["seq"] if kept else 0
+        for callback in followers.values():
+            callback({"end": why, "next": next_after})
+
+    def log_subscriber_count(self, task_id: str) -> int:
+        """How many followers a task's log has."""
+        return len(self.log_followers.get(task_id, {}))
 
     def drop_subscribers(self) -> None:
         """Give every subscriber the manager's last event for a subscriber that fell behind."""

@@ -100,8 +100,8 @@ def test_script_writes_data_only_as_text_and_keeps_the_token_in_the_session(
 # -- the page in a browser ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def chromium() -> Iterator[Any]:
+    """A headless Chromium for a module's tests; skips them when there is none."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -112,19 +112,19 @@ def browser() -> Iterator[Any]:
                     "(.ci/run does), or set HOUSEKEEPING_CHROMIUM to a Chromium binary")
     driver = sync_playwright().start()
     try:
-        chromium = driver.chromium.launch(
+        browser = driver.chromium.launch(
             executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         try:
-            yield chromium
+            yield browser
         finally:
-            chromium.close()
+            browser.close()
     finally:
         driver.stop()
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
+def browser_page(browser: Any, height: int) -> Iterator[Any]:
+    """A tab of ``browser`` 1280 pixels wide; fails the test if the page raised."""
+    context = browser.new_context(viewport={"width": 1280, "height": height})
     tab = context.new_page()
     tab.set_default_timeout(TIMEOUT * 1000)
     errors: list[str] = []
@@ -134,6 +134,16 @@ def page(browser: Any) -> Iterator[Any]:
     finally:
         context.close()
     assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from chromium()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    yield from browser_page(browser, 720)
 
 
 def _row(task_id: str) -> str:

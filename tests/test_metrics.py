@@ -85,6 +85,31 @@ def test_a_dropped_subscription_subscribes_again() -> None:
     assert value(samples, "housekeeping_tasks_created_total", operation="HASH") == 1
 
 
+def test_task_log_counters_come_from_the_manager_at_scrape_time() -> None:
+    client, fake = make_client(metrics=True)
+    before = scrape(client)
+    assert not [key for key in before if key[0].startswith("housekeeping_task_log_")]
+    sleep_id = fake.run_task({"operation": "SLEEP"})
+    hash_id = fake.run_task({"operation": "HASH"})
+    fake.write_log(sleep_id, "stdout", "12345")  # 6 bytes with its newline
+    fake.write_log(sleep_id, "stdout", "1")
+    fake.write_log(sleep_id, "stderr", "oops")
+    fake.write_log(hash_id, "stderr", "")
+    fake.drop_log_lines(sleep_id, 2)
+    samples = scrape(client)
+    expected = {("SLEEP", "stdout"): (8, 2), ("SLEEP", "stderr"): (5, 0),
+                ("HASH", "stderr"): (1, 0)}
+    for (operation, stream), (size, dropped) in expected.items():
+        assert value(samples, "housekeeping_task_log_bytes_total",
+                     operation=operation, stream=stream) == size
+        assert value(samples, "housekeeping_task_log_dropped_total",
+                     operation=operation, stream=stream) == dropped
+    assert len([key for key in samples if key[0] == "housekeeping_task_log_bytes_total"]) == 3
+    fake.write_log(hash_id, "stderr", "more")
+    assert value(scrape(client), "housekeeping_task_log_bytes_total",
+                 operation="HASH", stream="stderr") == 6
+
+
 def test_metrics_token_is_required_when_set() -> None:
     client, _ = make_client(metrics=True, metrics_token="s3cret")
     for headers in ({}, bearer("wrong"), bearer("s3cret-and-more"), {"Authorization": "s3cret"}):

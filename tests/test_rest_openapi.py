@@ -127,6 +127,48 @@ def test_an_event_matches_the_event_schema() -> None:
                                       "task": None, "message": "reconnect"})
 
 
+def test_log_answers_match_their_schemas() -> None:
+    from openapi_schema_validator import OAS31Validator
+    from test_rest_logs import following
+
+    control = DummyAccessControl({"viewer": {"view": {"*"}}, "hasher": {"view": {"HASH"}}})
+    fake = FakeManager()
+    client, _ = make_client(fake, control, max_streams=1)
+    document = client.simulate_get("/api/v1/openapi.json").json
+    checker = OpenApiChecker(document)
+    log = f"{TASKS}/{{id}}/log"
+    task_id = fake.run_task({"operation": "SLEEP"})
+    fake.write_log(task_id, "stdout", "out")
+    fake.write_log(task_id, "stderr", "err \ufffd")
+
+    def call(path: str, query: str = "", token: str | None = "viewer") -> int:
+        result = client.simulate_get(path, query_string=query,
+                                     headers=bearer(token) if token else {})
+        checker.check(log, "GET", result.status_code, result.headers, result.json)
+        return result.status_code
+
+    path = f"{TASKS}/{task_id}/log"
+    statuses = {call(path), call(path, "after=1&limit=1"), call(path, "limit=0"),
+                call(path, token=None), call(path, token="hasher"), call(f"{TASKS}/NOPE/log")}
+    reader = following(client.app, task_id, headers=bearer("viewer"))
+    statuses.add(call(path, "follow=true"))  # the one slot is taken
+    assert statuses == {200, 400, 401, 404, 503}
+    spec = checker.response_spec(log, "GET", 200)
+    assert set(spec["content"]) == {"application/json", "text/event-stream"}
+    fake.set_state(task_id, "SUCCEEDED")
+    fake.end_log(task_id)
+    messages = [m for m in reader.rest() if "event" in m]
+    reader.close()
+    schemas = {"line": "LogLine", "end": "LogEnd"}
+    assert [m["event"] for m in messages] == ["line", "line", "end"]
+    for message in messages:
+        schema = {"$ref": f"#/components/schemas/{schemas[message['event']]}",
+                  "components": document["components"]}
+        OAS31Validator(schema).validate(message["data"])
+    names = {p["name"] for p in document["paths"][log]["get"]["parameters"]}
+    assert names == {"id", "after", "limit", "follow", "Last-Event-ID"}
+
+
 def _walk(nodes: list[Any]) -> Any:
     for node in nodes:
         if node.resource is not None:

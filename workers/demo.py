@@ -8,11 +8,15 @@ names the bad field, progress from the child, and cancel honoured promptly.
   steps, reporting the percentage elapsed.
 * ``HASH`` (:class:`Hash`): SHA-256 over ``args.megabytes`` MiB (default 64)
   of generated data, reporting bytes hashed; a CPU-bound task.
+
+Both say what they do on stdout and the digest comes as a ``logging`` record,
+so a demo task's log (``housekeeping tasks logs ID``) has lines of both streams.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,6 +125,7 @@ class Sleep(_Demo):
     def execute(self, ops: TaskOps) -> dict[str, Any]:
         """Sleep in steps of at most :attr:`step`, reporting percent elapsed."""
         seconds = (ops.task.get("args") or {}).get("seconds", 1)
+        print(f"sleeping {seconds:g} s")
         start = time.monotonic()
         deadline = start + seconds
         while True:
@@ -132,6 +137,7 @@ class Sleep(_Demo):
             ops.set_progress(percent_complete=math.floor(100 * (now - start) / seconds))
             time.sleep(min(self.step, deadline - now))
         ops.set_progress(percent_complete=100)
+        print(f"slept {seconds:g} s")
         return {"seconds": seconds}
 
 
@@ -167,6 +173,7 @@ class Hash(_Demo):
         total = megabytes * MIB
         chunk = hash_chunk()
         digest = hashlib.sha256()
+        print(f"hashing {megabytes} MiB")
         ops.set_progress(percent_complete=0, total_bytes=total, offset_bytes=0,
                          transferred_bytes=0)
         for done in range(MIB, total + 1, MIB):
@@ -179,4 +186,5 @@ class Hash(_Demo):
                 offset_bytes=done,
                 transferred_bytes=done,
             )
+        logging.getLogger("housekeeping.demo").info("sha256 %s", digest.hexdigest())
         return {"digest": digest.hexdigest(), "megabytes": megabytes}

@@ -4,6 +4,8 @@
 // Authorization header); once the stream is open the page (re)reads
 // /api/v1/tasks and merges both by meta.version, so nothing is missed between
 // the two. Changes only mark rows dirty; one animation frame renders them.
+// Clicking a row (or Enter on it) follows that task's log in the panel below
+// the table, over the same fetch-based stream reader.
 // Every string from the server is written with textContent, never as HTML.
 "use strict";
 (() => {
@@ -13,6 +15,9 @@
   const TERMINAL = new Set(["CANCELED", "FAILED", "SUCCEEDED"]);
   const RETRY_MS = [500, 1000, 2000, 3000];
   const FRAME_BUDGET_MS = 12;
+  const MAX_EVENT_CHARS = 4 * 1024 * 1024; // one SSE message; a task or a 16 KiB log line is far less
+  const LOG_KEEP = 5000; // log lines the panel keeps in the page, newest
+  const LOG_FRAME_LINES = 500; // log lines added per animation frame
 
   const $ = (id) => document.getElementById(id);
   const rows = $("task-rows");
@@ -102,6 +107,8 @@
   function buildRow(id) {
     const row = document.createElement("tr");
     row.dataset.id = id;
+    row.tabIndex = 0; // Enter opens the task's log
+    if (id === logView.id) row.classList.add("selected");
     const cells = {};
     cells.id = cell(row, "id");
     cells.id.textContent = id;
@@ -248,27 +255,67 @@
     }
   }
 
-  // -- the event stream -----------------------------------------------------------------
-  function handleMessage(block, seen) {
-    let event = "message";
+  // -- server-sent events over fetch ---------------------------------------------------
+  // One reader for both streams (the task events and a task's log): EventSource
+  // cannot send an Authorization header, so the page reads the body itself.
+  function parseEvent(block) {
+    const message = { event: "message", id: null, data: null };
     const data = [];
     for (const line of block.split("\n")) {
-      if (!line || line.startsWith(":")) continue;
+      if (!line || line.startsWith(":")) continue; // keep-alive and other comments
       const colon = line.indexOf(":");
       const field = colon < 0 ? line : line.slice(0, colon);
       let value = colon < 0 ? "" : line.slice(colon + 1);
       if (value.startsWith(" ")) value = value.slice(1);
-      if (field === "event") event = value;
+      if (field === "event") message.event = value;
       else if (field === "data") data.push(value);
+      else if (field === "id") message.id = value;
     }
-    if (!data.length) return true;
-    if (event === "DROPPED") return false; // fell behind: reconnect and re-read
+    if (data.length) message.data = data.join("\n");
+    return message;
+  }
+
+  // Call onMessage with each message of the stream until it ends, breaks,
+  // isCurrent() turns false or onMessage returns false (then the read is
+  // canceled). A message larger than MAX_EVENT_CHARS ends the read too.
+  async function readEvents(response, isCurrent, onMessage) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let carriage = ""; // a chunk's last "\r" may be the start of "\r\n"
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || !isCurrent()) break;
+        let text = carriage + decoder.decode(value, { stream: true });
+        carriage = text.endsWith("\r") ? "\r" : "";
+        if (carriage) text = text.slice(0, -1);
+        buffer += text.replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          if (!onMessage(parseEvent(block)) || !isCurrent()) {
+            reader.cancel().catch(() => {});
+            return;
+          }
+        }
+        if (buffer.length > MAX_EVENT_CHARS) break;
+      }
+    } catch (_) { return; /* the connection broke */ }
+    reader.cancel().catch(() => {});
+  }
+
+  // -- the task event stream ---------------------------------------------------------------
+  function handleMessage(message, seen) {
+    if (message.data === null) return true;
+    if (message.event === "DROPPED") return false; // fell behind: reconnect and re-read
     let payload;
-    try { payload = JSON.parse(data.join("\n")); } catch (_) { return true; }
+    try { payload = JSON.parse(message.data); } catch (_) { return true; }
     const task = payload && payload.task;
     if (!task || !task.meta) return true;
     seen.add(task.meta.id);
-    if (event === "DELETE") remove(task.meta.id); else upsert(task);
+    if (message.event === "DELETE") remove(task.meta.id); else upsert(task);
     return true;
   }
 
@@ -318,22 +365,7 @@
         authProblem(error.status, error.message);
       }
     });
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done || gen !== generation) break;
-        buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          if (!handleMessage(block, seen)) { reader.cancel().catch(() => {}); buffer = ""; break; }
-        }
-      }
-    } catch (_) { /* the connection broke; reconnect below */ }
+    await readEvents(response, () => gen === generation, (message) => handleMessage(message, seen));
     if (gen === generation) retry(gen, "the event stream ended");
   }
 
@@ -342,6 +374,212 @@
     retries += 1;
     setConnection("error", "reconnecting (" + why + ")");
     setTimeout(() => { if (gen === generation) connect(); }, delay);
+  }
+
+  // -- the log panel ------------------------------------------------------------------------
+  // Follows GET /tasks/{id}/log?follow=true&after=N with readEvents(). Every line
+  // carries its seq, so a stream that ends without "end" (the server drops a
+  // slow reader) is resumed from the last seq seen, and a gap in the seqs is
+  // counted as lines the server dropped. Lines are queued and added a batch per
+  // frame; the page keeps only the newest LOG_KEEP of them.
+  const logView = {
+    id: null, gen: 0, controller: null, retries: 0,
+    after: 0, // the newest seq shown (or queued)
+    missing: 0, // lines the seqs skipped: dropped by the server before the page saw them
+    reported: 0, // "dropped" as the server last reported it
+    trimmed: 0, // older lines this page removed to stay within LOG_KEEP
+    pending: [], framePending: false,
+  };
+  const UNPRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}]/gu;
+
+  function printable(text) {
+    // Like the CLI: control and format characters become "?" (a tab stays a tab).
+    return String(text).replace(UNPRINTABLE, (ch) => (ch === "\t" ? ch : "?"));
+  }
+  function clock(time) {
+    const ms = Date.parse(time);
+    if (!Number.isFinite(ms)) return "";
+    const d = new Date(ms);
+    const two = (n) => String(n).padStart(2, "0");
+    return two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds()) + "."
+      + String(d.getMilliseconds()).padStart(3, "0");
+  }
+
+  function setLogStatus(state, text) {
+    const badge = $("log-status");
+    badge.dataset.state = state;
+    badge.textContent = text;
+    $("log-panel").dataset.state = state;
+  }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+  function updateLogNote() {
+    const parts = [];
+    const dropped = Math.max(logView.missing, logView.reported);
+    if (dropped > 0) {
+      parts.push(plural(dropped, "line") + " dropped by the server, which keeps only the newest output");
+    }
+    if (logView.trimmed > 0) {
+      parts.push("showing the newest " + LOG_KEEP + " lines (" + logView.trimmed + " older removed from the page)");
+    }
+    const note = $("log-note");
+    setText(note, parts.join("; "));
+    note.hidden = parts.length === 0;
+    $("log-panel").dataset.dropped = String(dropped);
+    const complete = $("log-panel").dataset.state === "complete";
+    setText($("log-empty"), logView.after > 0 ? "" : complete ? "No output." : "No output yet.");
+  }
+
+  function openLog(id) {
+    if (logView.id === id && !$("log-panel").hidden) return;
+    closeLog();
+    logView.id = id;
+    const entry = entries.get(id);
+    if (entry && entry.row) entry.row.classList.add("selected");
+    setText($("log-task"), id);
+    setText($("log-operation"), entry ? String(entry.task.operation) : "");
+    $("log-panel").hidden = false;
+    document.body.classList.add("log-open");
+    followLog(logView.gen);
+    updateLogNote();
+  }
+
+  function closeLog() {
+    logView.gen += 1; // a stale read or retry stops at its next step
+    if (logView.controller) logView.controller.abort();
+    const entry = logView.id === null ? null : entries.get(logView.id);
+    if (entry && entry.row) entry.row.classList.remove("selected");
+    Object.assign(logView, {
+      id: null, controller: null, retries: 0, after: 0, missing: 0, reported: 0, trimmed: 0,
+      pending: [],
+    });
+    $("log-lines").replaceChildren();
+    $("log-panel").hidden = true;
+    document.body.classList.remove("log-open");
+  }
+
+  function restartLog() {
+    // A new token: resume the open log with it from where it stopped.
+    if (logView.id === null) return;
+    logView.gen += 1;
+    if (logView.controller) logView.controller.abort();
+    logView.retries = 0;
+    followLog(logView.gen);
+  }
+
+  async function followLog(gen) {
+    const id = logView.id;
+    const controller = new AbortController();
+    logView.controller = controller;
+    setLogStatus("connecting", "connecting…");
+    const url = API + "/tasks/" + encodeURIComponent(id) + "/log?follow=true&after=" + logView.after;
+    let response;
+    try {
+      response = await fetch(url, {
+        headers: headers({ Accept: "text/event-stream" }), cache: "no-store", signal: controller.signal,
+      });
+    } catch (_) {
+      if (gen === logView.gen) retryLog(gen, "cannot reach the server");
+      return;
+    }
+    if (gen !== logView.gen) { controller.abort(); return; }
+    if (!response.ok) {
+      let message = response.statusText;
+      try { message = (await response.json()).message || message; } catch (_) { /* not JSON */ }
+      if (gen !== logView.gen) return;
+      if ([401, 403, 404].includes(response.status)) {
+        // No retry can help: the task is gone, or a token is needed (restartLog() then).
+        setLogStatus("error", response.status + ": " + message);
+        return;
+      }
+      retryLog(gen, response.status + ": " + message);
+      return;
+    }
+    setLogStatus("live", "following");
+    let ended = false;
+    await readEvents(response, () => gen === logView.gen, (message) => {
+      if (message.event === "line") return addLogLine(message.data);
+      if (message.event === "end") { ended = true; endLog(message.data); return false; }
+      return true;
+    });
+    if (gen === logView.gen && !ended) retryLog(gen, "the stream ended");
+  }
+
+  function retryLog(gen, why) {
+    const delay = RETRY_MS[Math.min(logView.retries, RETRY_MS.length - 1)];
+    logView.retries += 1;
+    setLogStatus("error", "reconnecting (" + why + ")");
+    setTimeout(() => { if (gen === logView.gen) followLog(gen); }, delay);
+  }
+
+  function addLogLine(data) {
+    let line;
+    try { line = JSON.parse(data); } catch (_) { return true; }
+    if (!line || !Number.isSafeInteger(line.seq) || line.seq <= logView.after) return true; // a resent line
+    logView.missing += line.seq - logView.after - 1;
+    logView.after = line.seq;
+    logView.retries = 0;
+    logView.pending.push(line);
+    if (logView.pending.length > LOG_KEEP) {
+      const excess = logView.pending.length - LOG_KEEP;
+      logView.pending.splice(0, excess);
+      logView.trimmed += excess;
+    }
+    scheduleLogFrame();
+    return true;
+  }
+
+  function endLog(data) {
+    let end = null;
+    try { end = JSON.parse(data); } catch (_) { end = null; }
+    if (end && Number.isSafeInteger(end.dropped)) logView.reported = Math.max(logView.reported, end.dropped);
+    if (end && Number.isSafeInteger(end.next) && end.next > logView.after) {
+      logView.missing += end.next - logView.after;
+      logView.after = end.next;
+    }
+    setLogStatus("complete", "complete");
+    updateLogNote();
+  }
+
+  function scheduleLogFrame() {
+    if (logView.framePending) return;
+    logView.framePending = true;
+    requestAnimationFrame(renderLog);
+  }
+  function buildLogLine(line) {
+    const stream = line.stream === "stderr" ? "stderr" : "stdout";
+    const row = document.createElement("div");
+    row.className = "log-line " + stream;
+    row.dataset.seq = String(line.seq);
+    row.dataset.stream = stream;
+    const time = document.createElement("time");
+    if (typeof line.time === "string") {
+      time.dateTime = line.time;
+      time.title = line.time;
+      time.textContent = clock(line.time);
+    }
+    const label = document.createElement("span");
+    label.className = "log-stream";
+    label.textContent = stream;
+    const text = document.createElement("span");
+    text.className = "log-text";
+    text.textContent = printable(line.text == null ? "" : line.text);
+    row.append(time, label, text);
+    return row;
+  }
+  function renderLog() {
+    logView.framePending = false;
+    const box = $("log-lines");
+    const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 24; // at the bottom: stay there
+    const fragment = document.createDocumentFragment();
+    for (const line of logView.pending.splice(0, LOG_FRAME_LINES)) fragment.appendChild(buildLogLine(line));
+    box.appendChild(fragment);
+    for (let excess = box.childElementCount - LOG_KEEP; excess > 0; excess -= 1) {
+      box.firstElementChild.remove();
+      logView.trimmed += 1;
+    }
+    if (follow) box.scrollTop = box.scrollHeight;
+    updateLogNote();
+    if (logView.pending.length) scheduleLogFrame();
   }
 
   // -- actions ----------------------------------------------------------------------------
@@ -408,17 +646,36 @@
       $("token").value = "";
       hideBanner();
       connect();
+      restartLog();
     });
     $("token-forget").addEventListener("click", () => {
       sessionStorage.removeItem(TOKEN_KEY);
       connect();
+      restartLog();
     });
     $("create-form").addEventListener("submit", createTask);
     $("filter-operation").addEventListener("change", applyFilters);
     $("filter-state").addEventListener("change", applyFilters);
     rows.addEventListener("click", (event) => {
       const button = event.target.closest("button.cancel");
-      if (button && button.dataset.id) cancelTask(button.dataset.id, button);
+      if (button && button.dataset.id) { cancelTask(button.dataset.id, button); return; }
+      const row = event.target.closest("tr[data-id]");
+      if (row && !String(window.getSelection())) openLog(row.dataset.id); // not when selecting text
+    });
+    rows.addEventListener("keydown", (event) => {
+      if ((event.key === "Enter" || event.key === " ") && event.target.matches("tr[data-id]")) {
+        event.preventDefault();
+        openLog(event.target.dataset.id);
+      }
+    });
+    $("log-close").addEventListener("click", () => {
+      const id = logView.id;
+      closeLog();
+      const entry = id === null ? null : entries.get(id);
+      if (entry && entry.row) entry.row.focus();
+    });
+    $("log-panel").addEventListener("keydown", (event) => {
+      if (event.key === "Escape") $("log-close").click();
     });
     setInterval(tickAges, 1000);
     connect();
