@@ -256,6 +256,17 @@ class Reconnects:
         self.attempt = 0  #: tries since the last progress (the back-off's step)
         self.broken_since: float | None = None
 
+    def failed(self, exc: ClientError, connections: int) -> str:
+        """Why the stream broke, if it may be opened again; else ``exc`` raised.
+
+        Raises:
+            ClientError: ``exc`` itself: not a broken connection, or the stream
+                never connected (nothing to resume: said at once).
+        """
+        if exc.code != RET_CONNECTION or connections == 0:
+            raise exc
+        return str(exc)
+
     def wait(self, last_error: str) -> None:
         """Back off before the next try.
 
@@ -334,9 +345,7 @@ class Follower:
                     if self.done():
                         return
             except ClientError as exc:
-                if exc.code != RET_CONNECTION or self.connections == 0:
-                    raise  # NOTE: never connected: nothing to resume, say so at once
-                last_error = str(exc)
+                last_error = reconnects.failed(exc, self.connections)
             else:
                 last_error = "the event stream ended"
             finally:

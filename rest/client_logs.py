@@ -19,7 +19,6 @@ from rest.client import (
     OPENED,
     RECONNECT_FOR,
     RET_API,
-    RET_CONNECTION,
     ApiClient,
     ClientError,
     Reconnects,
@@ -113,9 +112,7 @@ class LogFollower:
                     raise ClientError(
                         RET_API, f"task {self.task_id} was purged before its log ended"
                     ) from None
-                if exc.code != RET_CONNECTION or self.connections == 0:
-                    raise  # NOTE: never connected: nothing to resume, say so at once
-                last_error = str(exc)
+                last_error = reconnects.failed(exc, self.connections)
             else:
                 # NOTE: no `end`: the server dropped this reader for being slow, or
                 # is shutting down; the next stream starts after the last line shown.

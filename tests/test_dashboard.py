@@ -146,12 +146,13 @@ def page(browser: Any) -> Iterator[Any]:
     yield from browser_page(browser, 720)
 
 
-def _row(task_id: str) -> str:
+def row_of(task_id: str) -> str:
+    """The CSS selector of a task's row."""
     return f'#task-rows tr[data-id="{task_id}"]'
 
 
 def _bar_width(page: Any, task_id: str) -> float:
-    width = page.eval_on_selector(f"{_row(task_id)} .fill", "node => node.style.width")
+    width = page.eval_on_selector(f"{row_of(task_id)} .fill", "node => node.style.width")
     return float(width.rstrip("%") or 0)
 
 
@@ -168,16 +169,16 @@ def test_a_task_appears_advances_and_is_canceled_from_the_page(
     page.wait_for_function(
         "() => document.getElementById('create-status').textContent.startsWith('created ')")
     task_id = page.text_content("#create-status").split()[-1]
-    page.wait_for_selector(f"{_row(task_id)}[data-state=ACTIVE]")
+    page.wait_for_selector(f"{row_of(task_id)}[data-state=ACTIVE]")
     # The bar advances from the event stream alone: nothing reloads the page.
     first = wait_for(lambda: _bar_width(page, task_id))
     wait_for(lambda: _bar_width(page, task_id) > first,
              message=lambda: f"bar stuck at {first}%")
-    assert page.text_content(f"{_row(task_id)} td.object") == "vol-42"
-    page.click(f"{_row(task_id)} button.cancel")
-    page.wait_for_selector(f"{_row(task_id)}[data-state=CANCELED]")
-    assert page.text_content(f"{_row(task_id)} .state") == "CANCELED"
-    assert page.is_hidden(f"{_row(task_id)} button.cancel")
+    assert page.text_content(f"{row_of(task_id)} td.object") == "vol-42"
+    page.click(f"{row_of(task_id)} button.cancel")
+    page.wait_for_selector(f"{row_of(task_id)}[data-state=CANCELED]")
+    assert page.text_content(f"{row_of(task_id)} .state") == "CANCELED"
+    assert page.is_hidden(f"{row_of(task_id)} button.cancel")
     assert live.get(f"/api/v1/tasks/{task_id}").json()["state"] == "CANCELED"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -190,10 +191,10 @@ def test_strings_from_tasks_are_shown_as_text(live: LiveServer, page: Any) -> No
     task_id = created.json()["meta"]["id"]
     wait_for(lambda: live.get(f"/api/v1/tasks/{task_id}").json()["state"] == "SUCCEEDED")
     page.goto(live.url + "/")
-    page.wait_for_selector(f"{_row(task_id)}[data-state=SUCCEEDED]")
+    page.wait_for_selector(f"{row_of(task_id)}[data-state=SUCCEEDED]")
     messages = live.get(f"/api/v1/tasks/{task_id}").json()["messages"]
-    assert page.text_content(f"{_row(task_id)} td.message") == messages[-1]["message"]
-    assert page.text_content(f"{_row(task_id)} td.object") == EVIL[:128]
+    assert page.text_content(f"{row_of(task_id)} td.message") == messages[-1]["message"]
+    assert page.text_content(f"{row_of(task_id)} td.object") == EVIL[:128]
     page.fill("#token", EVIL)  # an error banner shows server text too
     page.select_option("#create-operation", "SLEEP")
     page.fill("#create-args", json.dumps({"seconds": EVIL}))
@@ -210,15 +211,15 @@ def test_filters_by_operation_and_state(live: LiveServer, page: Any) -> None:
                       json={"operation": "SLEEP", "args": {"seconds": 30}}).json()["meta"]["id"]
     try:
         page.goto(live.url + "/")
-        page.wait_for_selector(_row(sleep))
-        page.wait_for_selector(f"{_row(talk)}[data-state=SUCCEEDED]")
+        page.wait_for_selector(row_of(sleep))
+        page.wait_for_selector(f"{row_of(talk)}[data-state=SUCCEEDED]")
         page.select_option("#filter-operation", "TALK")
-        assert page.is_visible(_row(talk)) and page.is_hidden(_row(sleep))
+        assert page.is_visible(row_of(talk)) and page.is_hidden(row_of(sleep))
         page.select_option("#filter-operation", "")
         page.select_option("#filter-state", "UNFINISHED")
-        assert page.is_hidden(_row(talk)) and page.is_visible(_row(sleep))
+        assert page.is_hidden(row_of(talk)) and page.is_visible(row_of(sleep))
         page.select_option("#filter-state", "SUCCEEDED")
-        assert page.is_visible(_row(talk)) and page.is_hidden(_row(sleep))
+        assert page.is_visible(row_of(talk)) and page.is_hidden(row_of(sleep))
     finally:
         live.post(f"/api/v1/tasks/{sleep}/cancel")
 
@@ -246,7 +247,7 @@ def test_without_a_token_the_page_shows_401_then_works_with_one(
         assert page.is_hidden("#banner")
         created = requests.post(server.api("/api/v1/tasks"), json={"operation": "SLEEP"},
                                 headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT)
-        page.wait_for_selector(_row(created.json()["meta"]["id"]))
+        page.wait_for_selector(row_of(created.json()["meta"]["id"]))
         stored = page.evaluate(
             "() => [sessionStorage.getItem('housekeeping.token'), localStorage.length, "
             "document.cookie, document.getElementById('token').value]")

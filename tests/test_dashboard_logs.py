@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import TIMEOUT, wait_for
 from rest_support import LiveServer
-from test_dashboard import ARTIFACTS, EVIL, browser_page, chromium
+from test_dashboard import ARTIFACTS, EVIL, browser_page, chromium, row_of
 
 from rest.auth import hash_token
 
@@ -115,10 +115,6 @@ def page(browser: Any) -> Iterator[Any]:
     yield from browser_page(browser, 900)
 
 
-def _row(task_id: str) -> str:
-    return f'#task-rows tr[data-id="{task_id}"]'
-
-
 def _panel_lines(page: Any) -> list[dict[str, Any]]:
     """What the panel shows, one dict per line."""
     return list(page.eval_on_selector_all("#log-lines .log-line", """nodes => nodes.map(n => ({
@@ -214,10 +210,10 @@ def test_a_running_tasks_output_appears_live_in_the_log_panel(
     task_id = _start_talker(live, go)
     try:
         page.goto(live.url + "/")
-        page.wait_for_selector(f"{_row(task_id)}[data-state=ACTIVE]")
+        page.wait_for_selector(f"{row_of(task_id)}[data-state=ACTIVE]")
         page.evaluate("() => { window.__sameDocument = true; }")
         assert page.is_hidden("#log-panel")
-        page.click(f"{_row(task_id)} td.id")
+        page.click(f"{row_of(task_id)} td.id")
         page.wait_for_selector("#log-panel[data-state=live]")
         assert page.text_content("#log-task") == task_id
         assert page.text_content("#log-operation") == "DASHLOG_TALK"
@@ -272,13 +268,13 @@ def test_another_row_switches_the_panel_and_ends_the_old_stream(
     page.add_init_script(WATCH_LOG_FETCHES)
     try:
         page.goto(live.url + "/")
-        page.wait_for_selector(f"{_row(second)}[data-state=ACTIVE]")
-        page.click(f"{_row(first)} td.operation")
+        page.wait_for_selector(f"{row_of(second)}[data-state=ACTIVE]")
+        page.click(f"{row_of(first)} td.operation")
         wait_for(lambda: _shows(page, "first line from stdout"))
-        assert page.eval_on_selector(_row(first), "row => row.classList.contains('selected')")
+        assert page.eval_on_selector(row_of(first), "row => row.classList.contains('selected')")
 
         # The keyboard opens a row too: focus it, press Enter.
-        page.focus(_row(second))
+        page.focus(row_of(second))
         page.keyboard.press("Enter")
         page.wait_for_function(
             f"() => document.getElementById('log-task').textContent === {json.dumps(second)}")
@@ -288,7 +284,7 @@ def test_another_row_switches_the_panel_and_ends_the_old_stream(
         # The server sees it too: the page holds its task events and one log.
         wait_for(lambda: _server_streams(live) == 2,
                  message=lambda: f"{_server_streams(live)} streams open")
-        assert not page.eval_on_selector(_row(first), "row => row.classList.contains('selected')")
+        assert not page.eval_on_selector(row_of(first), "row => row.classList.contains('selected')")
 
         first_go.touch()  # the first task prints after the switch: not shown here
         wait_for(lambda: any(line["text"] == "second line, printed later"
@@ -324,7 +320,7 @@ def test_the_panel_notes_dropped_lines_and_keeps_the_newest(
     wait_for(lambda: [line["text"] for line in _full_log(live, task_id)["lines"]][-1:]
              == [last_of_first])
     page.goto(live.url + "/")
-    page.click(f"{_row(task_id)} td.id")
+    page.click(f"{row_of(task_id)} td.id")
     wait_for(lambda: (_last_line(page) or {}).get("text") == last_of_first)
     assert len(_panel_lines(page)) == LOG_KEEP
     assert "lines dropped by the server" in page.text_content("#log-note")
@@ -370,7 +366,7 @@ def test_the_log_stream_carries_the_token(browser: Any, folder: Path, tmp_path: 
         tab.wait_for_selector("body[data-connection=unauthorized]")
         tab.fill("#token", token)
         tab.click("#token-form button[type=submit]")
-        tab.click(f"{_row(task_id)} td.id")
+        tab.click(f"{row_of(task_id)} td.id")
         wait_for(lambda: _shows(tab, "first line from stdout"),
                  message=lambda: f"log status: {tab.text_content('#log-status')}")
         assert tab.get_attribute("#log-panel", "data-state") == "live"
