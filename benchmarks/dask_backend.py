@@ -154,7 +154,7 @@ def _quiet_and_terminate(manager: Any, quiet: Callable[[], None], ok: bool) -> N
 def _no_event_waiters(cluster: Any) -> None:
     """Wait until no task's worker side waits on its cancel Event any more.
 
-    NOTE: each waits up to ``workers.remote.CANCEL_POLL`` after its task ended;
+    NOTE: each waits up to ``supervisor.backends.dask.worker.CANCEL_POLL`` after its task ended;
     waiting for them keeps one round's leftovers out of the next round's figures
     (the scheduler runs in this process). Reads the in-process scheduler's Event
     extension: there is no public view of its waiters.
@@ -197,7 +197,7 @@ def run(options: Options) -> Section:
     # it this benchmark fails alone and the others still run.
     import distributed
 
-    from supervisor.dask_backend import DaskBackend
+    from supervisor.backends.dask import DaskBackend
 
     rounds = options.pick(2, 5)
     per_round = options.pick(12, 40)

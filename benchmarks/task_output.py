@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks import animators
 from benchmarks.common import TIMEOUT, Approach, Options, Section, Table, alternate, wait_until
 from benchmarks.recording import Recorder, recorded_manager
-from supervisor.capture import READ_BYTES
+from supervisor.backends.local.capture import READ_BYTES
 
 TITLE = "11. Task output"
 CHUNKED = "64 KiB os.write()"

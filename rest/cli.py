@@ -264,7 +264,7 @@ def _backend(dask: str | None, dashboard: str | None = None) -> Any:
     if dask is None:
         return None
     try:
-        from supervisor.dask_backend import DaskBackend
+        from supervisor.backends.dask import DaskBackend
     except ImportError as exc:
         raise CommandError(RET_DASK, f"--dask needs the dask extra "
                            f"(pip install 'housekeeping-supervisor[dask]'): {exc}") from None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import falcon
 
-from supervisor.snapshot import encode_json
+from supervisor.wire import encode_json
 
 __all__ = ["JSON_TYPE", "ApiError", "encode_json", "error_body", "serialize_error"]
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import falcon
 
     from rest.resources import TaskManager
-    from supervisor.snapshot import ChangeEvent, TaskSnapshot
+    from supervisor.wire import ChangeEvent, TaskSnapshot
 
 log = logging.getLogger("housekeeping.metrics")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rest.errors import JSON_TYPE, ApiError, encode_json
 from rest.validation import MAX_NAME_LENGTH, parse_create
 from supervisor import TaskNotFound
-from supervisor.snapshot import ChangeEvent, TaskSnapshot
+from supervisor.wire import ChangeEvent, TaskSnapshot
 
 if TYPE_CHECKING:
     import falcon

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from rest.auth import Guard
     from rest.resources import TaskManager
-    from supervisor.snapshot import ChangeEvent
+    from supervisor.wire import ChangeEvent
 
 log = logging.getLogger("housekeeping.rest")
 

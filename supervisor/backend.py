@@ -3,8 +3,8 @@
 The :class:`~supervisor.manager.Manager` keeps the table, the queue, the
 events and every state change; a :class:`Backend` starts a queued task
 somewhere, tells it to cancel, kills it, and reports what became of it.
-Two implement it: :class:`~supervisor.local.LocalBackend` (a process per task
-on this machine; the default) and ``supervisor.dask_backend.DaskBackend``
+Two implement it: :class:`~supervisor.backends.local.LocalBackend` (a process per task
+on this machine; the default) and ``supervisor.backends.dask.DaskBackend``
 (the same child code on the workers of a Dask cluster).
 
 ::

@@ -31,6 +31,10 @@ class ManagerTerminated(HousekeepingError):
     """Raised when a terminated (or terminating) manager is asked for new work."""
 
 
+class IdempotencyConflict(HousekeepingError):
+    """Raised when an idempotency key comes again with another task than its first."""
+
+
 class BackendUnavailable(HousekeepingError):
     """Raised when the place tasks run cannot take new ones now (say, a lost cluster)."""
 

@@ -2,7 +2,7 @@
 
 The manager publishes under its lock, so the order of events is the order of
 changes. Publishing only appends the one shared, immutable
-:class:`~supervisor.snapshot.ChangeEvent` to each subscriber's backlog; each
+:class:`~supervisor.wire.ChangeEvent` to each subscriber's backlog; each
 subscriber has its own delivery thread, so a slow or raising callback delays
 nobody but itself. A plain subscriber gets the event as a fresh dict, built on
 its own thread; a raw one (the REST layer's streams and metrics) gets the
@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from supervisor.snapshot import DROPPED, ChangeEvent
+from supervisor.wire import DROPPED, ChangeEvent
 
 log = logging.getLogger("housekeeping.events")
 

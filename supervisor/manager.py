@@ -1,7 +1,7 @@
 """The Manager: the task table, its limits, and the supervision of every child.
 
 Where tasks run is a :class:`~supervisor.backend.Backend`; the picture below
-is the default, :class:`~supervisor.local.LocalBackend`.
+is the default, :class:`~supervisor.backends.local.LocalBackend`.
 
 ::
 
@@ -34,7 +34,9 @@ from types import TracebackType
 from typing import Any
 
 from supervisor.backend import Backend, Registration
+from supervisor.backends.local import LocalBackend
 from supervisor.consts import CONSTS
+from supervisor.dispatcher import Supervision
 from supervisor.errors import (
     HousekeepingError,
     InvalidArguments,
@@ -43,15 +45,13 @@ from supervisor.errors import (
     UnsupportedOperation,
 )
 from supervisor.events import Callback, EventHub, RawCallback
-from supervisor.local import LocalBackend
 from supervisor.loop import LoopThread
 from supervisor.sandbox import DEFAULT_UID_RANGE, Sandbox, check_uid_range, containment
-from supervisor.snapshot import TaskSnapshot, encode_json
 from supervisor.states import TaskState
-from supervisor.supervision import Supervision
 from supervisor.table import TaskTable
 from supervisor.task import EncodedCreate, ParsedCreate, Task
 from supervisor.tasklog import LineCallback
+from supervisor.wire import TaskSnapshot, encode_json
 
 DEFAULT_LOG_LIMIT = 1024 * 1024  #: bytes of output kept per task
 
@@ -74,9 +74,9 @@ class Manager(Supervision):
             whose task process and starter were both killed from outside is
             re-parented here and killed. Off by default: it changes the host.
             (For the default local backend only.)
-        backend: where tasks run. Default: a :class:`~supervisor.local.LocalBackend`
+        backend: where tasks run. Default: a :class:`~supervisor.backends.local.LocalBackend`
             (a process per task on this machine). A
-            ``supervisor.dask_backend.DaskBackend`` runs them on a Dask cluster.
+            ``supervisor.backends.dask.DaskBackend`` runs them on a Dask cluster.
         sandbox: how the kernel confines the task processes of every operation
             (``register_animator(sandbox=)`` overrides it per operation). The
             default puts each task in a PID namespace of its own where the
@@ -471,7 +471,7 @@ class Manager(Supervision):
 
     def subscribe_changes(self, callback: RawCallback) -> Callable[[], None]:
         """Like :meth:`subscribe`, but deliver the shared, immutable
-        :class:`~supervisor.snapshot.ChangeEvent` itself (``event.json()``,
+        :class:`~supervisor.wire.ChangeEvent` itself (``event.json()``,
         ``event.task.state``, ...) instead of a fresh dict per event: what a
         server that forwards events as JSON wants.
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from supervisor.consts import CONSTS
-from supervisor.snapshot import Message, TaskSnapshot, progress_wire
 from supervisor.states import TaskState, can_transition, is_terminal
+from supervisor.wire import Message, TaskSnapshot, progress_wire
 
 if TYPE_CHECKING:
     from supervisor.tasklog import TaskLog
@@ -24,7 +24,7 @@ class Task:
     """The supervisor's record of one task; mutated only under the manager's lock.
 
     ``args``, ``serviceStates`` and ``result`` are kept as compact JSON bytes
-    (encoded once, outside the lock): see :mod:`supervisor.snapshot`.
+    (encoded once, outside the lock): see :mod:`supervisor.wire`.
     """
 
     def __init__(self, task_id: str, create: dict[str, Any], encoded: EncodedCreate) -> None:

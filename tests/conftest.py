@@ -320,7 +320,7 @@ def dask_cluster() -> Iterator[str]:
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
-    # NOTE: the scheduler and the workers import workers.remote (by reference
+    # NOTE: the scheduler and the workers import supervisor.backends.dask.worker (by reference
     # in every task) and the workers import the test animators.
     path = os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
@@ -352,7 +352,7 @@ def backend_manager(
     """A Manager factory for the local backend and for the Dask backend (one test each)."""
     if request.param == "local":
         return manager
-    from supervisor.dask_backend import DaskBackend
+    from supervisor.backends.dask import DaskBackend
 
     address = request.getfixturevalue("dask_cluster")
 

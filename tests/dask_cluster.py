@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from supervisor.dask_backend import local_cluster
+from supervisor.backends.dask import local_cluster
 
 if __name__ == "__main__":
     cluster = local_cluster(n_workers=2)

@@ -13,7 +13,7 @@ import time
 import animators
 
 from supervisor import Manager
-from supervisor.dask_backend import DaskBackend
+from supervisor.backends.dask import DaskBackend
 
 if __name__ == "__main__":
     backend = DaskBackend(sys.argv[1], lease_timeout=float(sys.argv[2]))

@@ -23,7 +23,7 @@ from supervisor import (
     UnsupportedOperation,
 )
 from supervisor.sandbox import Sandbox
-from supervisor.snapshot import DROPPED, ChangeEvent, TaskSnapshot
+from supervisor.wire import DROPPED, ChangeEvent, TaskSnapshot
 
 Event = dict[str, Any]
 TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})

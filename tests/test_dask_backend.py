@@ -35,8 +35,9 @@ from conftest import (
 
 import rest
 from supervisor import BackendUnavailable, Manager
-from supervisor.dask_backend import DaskBackend, _Orphans
-from workers.remote import RecentIds
+from supervisor.backends.dask import DaskBackend
+from supervisor.backends.dask.backend import _Orphans
+from supervisor.backends.dask.worker import RecentIds
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from rest_support import assert_error, bearer, make_client
 from rest import create_app, handlers_of
 from rest.app import RestOptions
 from rest.stream import DROPPED_MESSAGE, format_event
-from supervisor.snapshot import ChangeEvent, TaskSnapshot
+from supervisor.wire import ChangeEvent, TaskSnapshot
 
 EVENTS = "/api/v1/task-events"
 

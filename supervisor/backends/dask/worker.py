@@ -39,8 +39,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from supervisor.backends.local import LocalBackend
 from supervisor.errors import TaskNotFound
-from supervisor.local import LocalBackend
 from supervisor.manager import Manager
 from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState, is_terminal

@@ -23,8 +23,8 @@ from collections import deque
 
 from supervisor import reaper
 from supervisor.backend import Backend, Host, Launch, Outcome, Registration
-from supervisor.capture import OutputPipes
-from supervisor.children import DATA, EOF, ChildProcess, Shape, StarterProcess
+from supervisor.backends.local.capture import OutputPipes
+from supervisor.backends.local.children import DATA, EOF, ChildProcess, Shape, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import describe_exit
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl

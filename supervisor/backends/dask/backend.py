@@ -1,7 +1,8 @@
 """The Dask backend: run tasks on the workers of a Dask distributed cluster.
 
-Each task becomes one Dask task whose body, :func:`workers.remote.run_task_on_worker`,
-runs the animator through a Manager of the worker's own (the local backend),
+Each task becomes one Dask task whose body,
+:func:`supervisor.backends.dask.worker.run_task_on_worker`, runs the animator
+through a Manager of the worker's own (the local backend),
 so a task gets on the worker what it gets here: a process of its own, its
 ``timeout`` and ``max_memory``, crash detection and a whole-tree kill.
 
@@ -46,6 +47,7 @@ import distributed
 import distributed.worker_memory
 
 from supervisor.backend import Backend, Host, Launch, Outcome, Registration
+from supervisor.backends.dask.worker import run_task_on_worker
 from supervisor.protocol import (
     Note,
     Progress,
@@ -55,7 +57,6 @@ from supervisor.protocol import (
 )
 from supervisor.states import TaskState
 from supervisor.tasklog import STREAMS
-from workers.remote import run_task_on_worker
 
 log = logging.getLogger("housekeeping.dask")
 

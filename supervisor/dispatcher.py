@@ -31,11 +31,11 @@ from supervisor.protocol import (
     clean_text,
 )
 from supervisor.sandbox import Sandbox
-from supervisor.snapshot import ChangeEvent
 from supervisor.states import TaskState
 from supervisor.table import TaskTable
 from supervisor.task import Task
 from supervisor.tasklog import STREAMS, TaskLog
+from supervisor.wire import ChangeEvent
 
 log = logging.getLogger("housekeeping.supervisor")
 

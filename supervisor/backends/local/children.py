@@ -28,7 +28,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
-from supervisor.capture import OutputPipes
+from supervisor.backends.local.capture import OutputPipes
 from supervisor.protocol import (
     FRAME_HEADER,
     MAX_MESSAGE_BYTES,
