@@ -450,7 +450,7 @@ def test_a_uid_lock_that_cannot_be_opened_means_not_free(tmp_path: Path) -> None
 @needs_root
 def test_a_user_gone_since_registration_fails_the_task_and_leaks_no_process(
         manager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import supervisor.backends.local
+    import supervisor.backends.local.backend
 
     m = manager(max_workers=1)
     m.register_animator("QUICK", ca.animators.Quick(), sandbox=Sandbox(user="nobody"))
@@ -461,7 +461,7 @@ def test_a_user_gone_since_registration_fails_the_task_and_leaks_no_process(
     def gone(user: object) -> tuple[int, int]:
         raise KeyError(f"no such user: {user!r}")
 
-    monkeypatch.setattr(supervisor.backends.local, "resolve_user", gone)
+    monkeypatch.setattr(supervisor.backends.local.backend, "resolve_user", gone)
     task = wait_terminal(m, m.run_task({"operation": "QUICK"}))
     assert task["state"] == "FAILED" and "no such user" in " ".join(message_texts(task))
     # the warm process it did not take is still there, not lost from sight
