@@ -154,7 +154,7 @@ def _quiet_and_terminate(manager: Any, quiet: Callable[[], None], ok: bool) -> N
 def _no_event_waiters(cluster: Any) -> None:
     """Wait until no task's worker side waits on its cancel Event any more.
 
-    NOTE: each waits up to ``supervisor.backends.dask.worker.CANCEL_POLL`` after its task ended;
+    NOTE: each waits up to ``CONSTS.dask_cancel_poll`` after its task ended;
     waiting for them keeps one round's leftovers out of the next round's figures
     (the scheduler runs in this process). Reads the in-process scheduler's Event
     extension: there is no public view of its waiters.

@@ -170,9 +170,15 @@ def serve(args: argparse.Namespace) -> int:
     registrars = load_animators(args.animators, demo=not args.no_demo)
 
     import falcon
+    import prometheus_client
 
     from rest.app import RestOptions, install_error_handling, register_handlers
     from rest.server import AccessLog, Server, install_signal_handlers
+
+    # NOTE: no "<counter>_created" series: this process's /metrics serves what
+    # the README lists (Prometheus computes rates without them). An embedding
+    # application keeps prometheus-client's default unless it turns them off.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     from supervisor import InvalidAnimator, Manager
     from supervisor.linux import return_large_blocks
 

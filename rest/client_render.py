@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 import unicodedata
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+from supervisor.wire import parse_stamp
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -91,8 +92,10 @@ def reason(task: dict[str, Any]) -> str:
 def age(task: dict[str, Any], now: float | None = None) -> str:
     """How long ago the task was created: ``42s``, ``3m07s``, ``2h05m``, ``3d``."""
     try:
-        created = datetime.fromisoformat(str(task["meta"]["timeCreated"])).timestamp()
-    except (KeyError, TypeError, ValueError):
+        created = parse_stamp(task["meta"]["timeCreated"])
+    except (KeyError, TypeError):
+        return ""
+    if created is None:
         return ""
     seconds = max(0, int((time.time() if now is None else now) - created))
     if seconds < 60:

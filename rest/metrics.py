@@ -3,7 +3,8 @@
 Two sources::
 
     manager.subscribe_changes() --observe()--> counters and histograms (created,
-                                finished, forced kills, start latency, run time)
+                                finished, forced kills, start latency, wall and
+                                CPU seconds)
     scrape --collect()--> manager.counts_by_operation(), counts(), psutil, open
                           streams (gauges computed when Prometheus asks; the
                           manager keeps its counts as it goes, so a scrape
@@ -11,11 +12,13 @@ Two sources::
                           manager.log_totals() (the task-log counters: the
                           loop adds to them as it reads, nothing per line here)
 
-Start latency is the time from ``meta.timeCreated`` to the task's
-``State change NEW ⇒ ACTIVE`` message; run time is from there to the
-``meta.timeModified`` of the event that made the task terminal. A terminal
-task with a message containing "killed" counts as a forced kill. Each app has
-a registry of its own, so two apps in one process do not share metrics.
+Everything is read from the data of the change events, never from message
+text: finished tasks by their ``outcome.kind``, forced kills by the outcome's
+``killed`` (every kill the supervisor decided: a timeout, a cancel grace run
+out, a protocol error, a terminate), wall and CPU seconds from ``usage``, and
+start latency from the creation time to the time of the first event that
+shows the task running. Each app has a registry of its own, so two apps in
+one process do not share metrics.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     import falcon
 
     from rest.resources import TaskManager
-    from supervisor.wire import ChangeEvent, TaskSnapshot
+    from supervisor.wire import ChangeEvent
 
 log = logging.getLogger("housekeeping.metrics")
 
@@ -49,24 +51,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED")
 TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
 _RUNNING = frozenset({"ACTIVE", "WAITING"})
-_STARTED_MESSAGE = "State change NEW ⇒ ACTIVE"
 
 #: Buckets of the start-latency histogram (seconds): a warm start costs a pipe message.
 START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  10.0, 30.0, 60.0, 300.0)
-#: Buckets of the run-time histogram (seconds).
+#: Buckets of the wall-time and CPU-time histograms (seconds).
 RUN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
                14400.0, 86400.0)
-
-
-def _timestamp(text: Any) -> float | None:
-    """Parse a wire timestamp (``2026-11-27T18:00:00.123456Z``) to POSIX seconds."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
 
 
 def children_rss() -> int:
@@ -109,26 +100,34 @@ class TaskMetrics:
             "housekeeping_tasks_created", "Tasks created.", ["operation"],
             registry=self.registry)
         self.finished = Counter(
-            "housekeeping_tasks_finished", "Tasks that reached a terminal state, by outcome.",
-            ["operation", "outcome"], registry=self.registry)
+            "housekeeping_tasks_finished",
+            "Tasks that reached a terminal state, by state and outcome kind.",
+            ["operation", "state", "kind"], registry=self.registry)
         self.forced_kills = Counter(
             "housekeeping_forced_kills",
-            "Tasks whose process tree was killed (cancel grace period over, timeout, ...).",
-            ["operation"], registry=self.registry)
+            "Task trees the supervisor killed (timeout, cancel grace over, protocol "
+            "error, terminate, ...), by outcome kind.",
+            ["operation", "kind"], registry=self.registry)
         self.start_latency = Histogram(
             "housekeeping_task_start_latency_seconds",
             "Seconds from creation to ACTIVE (queueing plus hand-over to a process).",
             ["operation"], buckets=START_BUCKETS, registry=self.registry)
-        self.run_time = Histogram(
-            "housekeeping_task_run_seconds", "Seconds from ACTIVE to the terminal state.",
-            ["operation", "outcome"], buckets=RUN_BUCKETS, registry=self.registry)
+        self.wall_time = Histogram(
+            "housekeeping_task_wall_seconds",
+            "Wall-clock seconds of each task that ran, hand-over to exit (its usage).",
+            ["operation"], buckets=RUN_BUCKETS, registry=self.registry)
+        self.cpu_time = Histogram(
+            "housekeeping_task_cpu_seconds",
+            "CPU seconds (user + system) of each task that ran, its reaped "
+            "descendants included (its usage).",
+            ["operation"], buckets=RUN_BUCKETS, registry=self.registry)
         self.resubscribed = Counter(
             "housekeeping_metrics_resubscribed",
             "Times the metrics fell behind the event stream and subscribed again "
             "(events were lost from the counters).", registry=self.registry)
         self.registry.register(_Snapshot(self))
         self._lock = threading.Lock()
-        self._started: dict[str, float] = {}  # task id -> when it became ACTIVE
+        self._started: set[str] = set()  # ids seen running, until purged
         self._finished: set[str] = set()  # ids counted as finished, until purged
         self._closed = False
         self._unsubscribe = manager.subscribe_changes(self.observe)
@@ -145,27 +144,28 @@ class TaskMetrics:
         task_id, operation, state = task.id, task.operation, task.state
         with self._lock:
             if method == "DELETE":
-                self._started.pop(task_id, None)
+                self._started.discard(task_id)
                 self._finished.discard(task_id)
                 return
             if method == "POST":
                 self.created.labels(operation).inc()
             if state in _RUNNING and task_id not in self._started:
-                started = self._started_at(task)
-                if started is not None:
-                    self._started[task_id] = started
-                    created = _timestamp(task.time_created)
-                    if created is not None:
-                        self.start_latency.labels(operation).observe(max(0.0, started - created))
-            if state in TERMINAL and task_id not in self._finished:
+                # NOTE: the first event that shows it running is the one of its
+                # NEW ⇒ ACTIVE change: its modification time is when it started.
+                self._started.add(task_id)
+                self.start_latency.labels(operation).observe(
+                    max(0.0, task.modified_at - task.created_at))
+            outcome = task.outcome
+            if state in TERMINAL and outcome is not None and task_id not in self._finished:
                 self._finished.add(task_id)
-                self.finished.labels(operation, state).inc()
-                started = self._started.pop(task_id, None)
-                ended = _timestamp(task.time_modified)
-                if started is not None and ended is not None:
-                    self.run_time.labels(operation, state).observe(max(0.0, ended - started))
-                if any("killed" in m.text for m in task.messages):
-                    self.forced_kills.labels(operation).inc()
+                self._started.discard(task_id)
+                self.finished.labels(operation, state, outcome.kind.value).inc()
+                if outcome.killed:
+                    self.forced_kills.labels(operation, outcome.kind.value).inc()
+                usage = task.usage
+                if usage is not None:
+                    self.wall_time.labels(operation).observe(usage.wall_seconds)
+                    self.cpu_time.labels(operation).observe(usage.cpu_seconds)
 
     def close(self) -> None:
         """Stop observing the manager."""
@@ -220,13 +220,6 @@ class TaskMetrics:
             dropped.add_metric([operation, stream], lines)
         yield captured
         yield dropped
-
-    def _started_at(self, task: TaskSnapshot) -> float | None:
-        """When the task became ACTIVE, from its state-change message."""
-        for entry in task.messages:
-            if entry.text == _STARTED_MESSAGE:
-                return _timestamp(entry.time)
-        return None
 
     def _resubscribe(self) -> None:
         # NOTE: the manager dropped this subscriber (it fell more than its backlog

@@ -13,6 +13,7 @@ from rest.errors import JSON_TYPE, encode_json
 from rest.log_stream import DEFAULT_PAGE, MAX_AFTER, MAX_PAGE
 from rest.resources import API_PREFIX
 from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, MAX_NAME_LENGTH
+from supervisor.outcome import OutcomeKind
 
 if TYPE_CHECKING:
     import falcon
@@ -115,6 +116,39 @@ _SCHEMAS: dict[str, Schema] = {
             "timestamp": _TIME,
         },
     },
+    "Outcome": {
+        "description": "How a terminal task ended, as data (present once it is terminal). "
+                       "kind: returned (SUCCEEDED); canceled-queued, canceled-honoured, "
+                       "canceled-killed (after the cancel grace), canceled-terminate (the "
+                       "supervisor stopped) (CANCELED); exception (errorType names it), "
+                       "failed-by-animator, crash (exited or killed by a signal without a "
+                       "report), timeout, memory, cpu, result (not JSON or too large), "
+                       "protocol, lost (its starter, worker or supervisor went away) (FAILED). "
+                       "exitCode and signal are the task process's exit status as its reaper "
+                       "saw it (one of them, or neither when none is known).",
+        "type": "object",
+        "required": ["kind", "message", "exitCode", "signal", "errorType"],
+        "properties": {
+            "kind": {"type": "string", "enum": [kind.value for kind in OutcomeKind]},
+            "message": {"type": "string"},
+            "exitCode": {"type": ["integer", "null"]},
+            "signal": {"type": ["string", "null"], "examples": ["SIGSEGV"]},
+            "errorType": {"type": ["string", "null"], "examples": ["ValueError"]},
+        },
+    },
+    "Usage": {
+        "description": "What a task that ran cost: the kernel's accounting (wait4) of its "
+                       "task process and every descendant reaped for it; wall time from "
+                       "the hand-over to its exit. Present once a task that ran is terminal.",
+        "type": "object",
+        "required": ["cpuUserSeconds", "cpuSystemSeconds", "maxRssBytes", "wallSeconds"],
+        "properties": {
+            "cpuUserSeconds": {"type": "number", "minimum": 0},
+            "cpuSystemSeconds": {"type": "number", "minimum": 0},
+            "maxRssBytes": {"type": "integer", "minimum": 0},
+            "wallSeconds": {"type": "number", "minimum": 0},
+        },
+    },
     "Task": {
         "type": "object",
         "required": ["meta", "operation", "serviceStates", "args", "state",
@@ -137,6 +171,8 @@ _SCHEMAS: dict[str, Schema] = {
                 },
             },
             "result": {"description": "What execute() returned (any JSON); null until then."},
+            "outcome": _ref("Outcome"),
+            "usage": _ref("Usage"),
         },
     },
     "PurgedTask": {

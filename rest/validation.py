@@ -26,6 +26,8 @@ import falcon
 from rest.errors import ApiError
 from supervisor.protocol import MAX_JSON_DEPTH, finite_float, json_depth
 from supervisor.task import ParsedCreate
+from supervisor.wire import CREATE_FIELDS as WIRE_CREATE_FIELDS
+from supervisor.wire import MAX_OBJECT_ID
 
 #: Largest accepted request body (1 MiB).
 MAX_BODY_BYTES = 1024 * 1024
@@ -33,9 +35,9 @@ MAX_BODY_BYTES = 1024 * 1024
 #: and pickles what it is given; unbounded depth would end in RecursionError).
 MAX_DEPTH = MAX_JSON_DEPTH
 #: Longest ``objectId`` and ``operation``.
-MAX_NAME_LENGTH = 128
+MAX_NAME_LENGTH = MAX_OBJECT_ID
 #: Fields a client may set at creation, in wire order.
-CREATE_FIELDS = ("operation", "objectId", "serviceStates", "args")
+CREATE_FIELDS = tuple(WIRE_CREATE_FIELDS)
 #: Fields of the task object that only the supervisor sets.
 READ_ONLY_FIELDS = frozenset({"meta", "state", "cancelRequested", "progress", "messages", "result"})
 

@@ -1,7 +1,8 @@
 """The seam between the task table and the place where tasks run.
 
-The :class:`~supervisor.manager.Manager` keeps the table, the queue, the
-events and every state change; a :class:`Backend` starts a queued task
+The manager (its :class:`~supervisor.ledger.Ledger` and the loop-side
+:class:`~supervisor.dispatcher.Dispatcher`, the :class:`Host`) keeps the
+table, the queue, the events and every state change; a :class:`Backend` starts a queued task
 somewhere, tells it to cancel, kills it, and reports what became of it.
 Two implement it: :class:`~supervisor.backends.local.LocalBackend` (a process per task
 on this machine; the default) and ``supervisor.backends.dask.DaskBackend``
@@ -9,20 +10,29 @@ on this machine; the default) and ``supervisor.backends.dask.DaskBackend``
 
 ::
 
-    Manager (the Host)                      Backend
-    ──────────────────                      ───────
+    Dispatcher (the Host)                   Backend
+    ─────────────────────                   ───────
     register ─── prepare(registration) ─────────▶ import its module, fork ahead
     dispatch ─── can_start(reg) / start(launch) ▶ runs the task's animator
-    cancel_task ─── cancel(task_id) ────────────▶ tell, kill after cancel_grace
+    cancel_running ─── cancel(task_id) ─────────▶ tell, kill after cancel_grace
+    kill_running ─── kill(task_id, reason) ─────▶ kill now
+    task_running(task_id) ◀─────────────────────  its process runs (NEW ⇒ ACTIVE)
     task_message(task_id, Progress | ...) ◀─────  coalesced reports, in order
-    task_finished(task_id, outcome) ◀───────────  exactly once per started task
+    task_finished(task_id, Ending) ◀────────────  exactly once per started task
     task_output(task_id, stream, bytes) ◀────────  what its processes write
     task_output_closed(task_id) ◀───────────────  once per started task: output ended
     terminate ─── await shutdown() ─────────────▶ tell, grace, kill, reap; stop
 
 Every method of a backend, and every call it makes to its host, runs on the
-manager's loop thread, except :meth:`Backend.kill_everything` (the last resort
-of ``terminate()``, from the caller's thread).
+manager's loop thread.
+
+To add a backend (Ray, say): subclass :class:`Backend` in a subpackage of
+``supervisor.backends`` that holds both halves (the parent side here, and
+whatever runs on the remote side), run the task with the same child code
+(``workers.child``; a remote half may embed a Manager and use
+``Manager.run_task_as``), report with the Host's methods, and end each
+started task with exactly one :class:`~supervisor.outcome.Ending`. Pass it
+as ``Manager(backend=...)``: the Manager itself does not change.
 """
 
 from __future__ import annotations
@@ -32,9 +42,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from supervisor.outcome import Ending
 from supervisor.protocol import Note, Progress, StateChanged
 from supervisor.sandbox import Sandbox
-from supervisor.states import TaskState
 
 
 @dataclass(frozen=True)
@@ -67,18 +77,6 @@ class Launch:
         return json.loads(self.task_json)  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a task ended: its terminal state, the notes that say why, its result."""
-
-    state: TaskState
-    notes: tuple[str, ...] = ()
-    #: strict JSON as :func:`~supervisor.protocol.check_result_json` returns it:
-    #: the backend checks it, the host keeps it as it is
-    result_json: str | None = None
-    traceback: str | None = None
-
-
 Report = Progress | StateChanged | Note
 
 
@@ -92,8 +90,8 @@ class Host(Protocol):
     def task_message(self, task_id: str, message: Report) -> str | None:
         """Apply one report of a running task; return what was wrong with it, if anything."""
 
-    def task_finished(self, task_id: str, outcome: Outcome) -> None:
-        """Record the terminal state of a started task and free its slot."""
+    def task_finished(self, task_id: str, ending: Ending) -> None:
+        """Record how a started task ended (outcome, result, usage) and free its slot."""
 
     def backend_changed(self) -> None:
         """Capacity or availability changed: dispatch queued tasks (or fail them)."""
@@ -159,8 +157,14 @@ class Backend(abc.ABC):
         """Tell a running task to cancel; kill its tree after the host's cancel_grace."""
 
     @abc.abstractmethod
+    def kill(self, task_id: str, reason: str) -> None:
+        """Kill a running task's tree now, without a grace (``canceled-killed``,
+        ``reason`` as its message), unless it reported its outcome first."""
+
+    @abc.abstractmethod
     async def shutdown(self) -> None:
         """Cancel every running task, kill what is left, wait until all is reaped; stop."""
 
     def kill_everything(self) -> None:  # noqa: B027 (optional hook)
-        """Last resort of ``terminate()`` when :meth:`shutdown` failed (any thread)."""
+        """Last resort of ``terminate()`` when :meth:`shutdown` failed or outlived its
+        deadline: kill every process by force, now (on the loop thread, like the rest)."""

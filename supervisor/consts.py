@@ -52,6 +52,36 @@ class Consts:
     #: Deadlock guard of ``terminate()``: it never waits longer than
     #: ``cancel_grace`` + this before it reaps by force and returns.
     terminate_slack: float = 10.0
+    #: A starter that died: restarted at once the first time, then after
+    #: ``0.1 * 2**n`` seconds up to this (one that cannot come up is no fork loop).
+    starter_restart_max: float = 5.0
+    #: A starter that lived this long before it died counts as a first failure again.
+    starter_stable_after: float = 10.0
+    #: How long ``terminate()`` waits for the loop thread, then for the
+    #: subscribers' threads, to end.
+    loop_stop_timeout: float = 5.0
+    subscribers_stop_timeout: float = 2.0
+
+    # -- the Dask backend ----------------------------------------------------------
+    #: Longest wait of a worker-side thread on a task's cancel Event (it returns at
+    #: once when the Event is set); bounds how long the thread outlives its task.
+    dask_cancel_poll: float = 0.25
+    #: How often a worker process reads a supervisor's lease, and how often the
+    #: thread that waits for a task looks at the lease and the worker's status.
+    dask_lease_poll: float = 1.0
+    dask_watch_interval: float = 0.25
+    #: A batch of a remote task's log lines goes at most this long after its first line.
+    dask_log_batch_delay: float = 0.1
+    #: How long a remote task's outcome waits on the worker for the end of its log.
+    dask_log_end_wait: float = 5.0
+    #: How long the outcome of a remote task waits for reports its worker sent before it.
+    dask_reports_wait: float = 2.0
+    #: How long ``terminate()`` waits, beyond ``cancel_grace``, for the workers to
+    #: report the end of the tasks it canceled (kill and report take well under 1 s).
+    dask_shutdown_slack: float = 5.0
+    #: How long each step of closing may take: queued calls to the scheduler, the
+    #: client, an owned LocalCluster (together within terminate()'s budget).
+    dask_close_step_timeout: float = 3.0
 
 
 CONSTS = Consts()

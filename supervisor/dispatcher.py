@@ -1,26 +1,39 @@
-"""The loop side of the manager: the queue, dispatch, reports, outcomes, shutdown.
+"""The loop side of the manager: the queue, the backend's host, outcomes, purge, shutdown.
 
-Everything here runs on the manager's loop thread, except ``_check_open``
-and ``_publish``, which callers use under the lock. :class:`Manager` (in
-manager.py) is the public facade and inherits this; the split keeps the
-facade readable and the supervision logic in one place. Where and how a task
-runs is the :class:`~supervisor.backend.Backend`'s business; this side is its
-:class:`~supervisor.backend.Host`.
+A :class:`Dispatcher` lives on the manager's loop thread and owns everything
+that happens there: it hands queued tasks to the backend, takes the backend's
+reports (it is the backend's :class:`~supervisor.backend.Host`), records
+outcomes, purges finished tasks, and runs the shutdown from its first step to
+its last. It shares the :class:`~supervisor.ledger.Ledger` with the
+:class:`~supervisor.manager.Manager` facade, whose methods only take the
+lock, check, record and hand over to it.
+
+::
+
+    Manager (any thread)      Dispatcher (loop thread)              Backend
+    ────────────────────      ────────────────────────              ───────
+    run_task ─▶ ledger ─call─▶ dispatch() ─ start(Launch) ────────▶ runs it
+    cancel_task ───────call──▶ cancel_running() ─ cancel(id) ─────▶ tell, grace, kill
+    kill_task ─────────call──▶ kill_running() ─── kill(id, why) ──▶ kill now
+                               task_message / task_running ◀────── reports
+                               task_finished(Ending) ◀──────────── exactly once
+    terminate ─────────run───▶ shutdown(): 2. cancel, 3. kill, 4. stop (all here)
+
+No backend call runs under the ledger's lock: what is decided under it is
+carried out after it is released.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
-from supervisor.backend import Backend, Launch, Outcome, Registration, Report
+from supervisor.backend import Launch, Report
 from supervisor.consts import CONSTS
-from supervisor.errors import BackendUnavailable, ManagerTerminated
-from supervisor.events import EventHub
+from supervisor.outcome import Ending, Outcome, OutcomeKind
 from supervisor.protocol import (
     Note,
     Progress,
@@ -30,14 +43,18 @@ from supervisor.protocol import (
     check_timestamp,
     clean_text,
 )
-from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState
-from supervisor.table import TaskTable
-from supervisor.task import Task
 from supervisor.tasklog import STREAMS, TaskLog
-from supervisor.wire import ChangeEvent
+
+if TYPE_CHECKING:
+    from supervisor.backend import Backend
+    from supervisor.ledger import Ledger
+    from supervisor.sandbox import Sandbox
 
 log = logging.getLogger("housekeeping.supervisor")
+
+#: Outcomes of a running task that a terminate turns into ``canceled-terminate``.
+_CANCELED_RUNNING = frozenset({OutcomeKind.CANCELED_HONOURED, OutcomeKind.CANCELED_KILLED})
 
 
 class _ReportGate:
@@ -58,74 +75,67 @@ class _ReportGate:
         return not (self.values or self.pending)
 
 
-class Supervision:
-    """The manager's state and everything its loop thread does with it."""
+class Dispatcher:
+    """The manager's loop-thread role, and the :class:`~supervisor.backend.Host` of its
+    backend. Every method runs on the loop thread."""
 
-    max_workers: int
-    purge_delay: float
-    cancel_grace: float
-    sandbox: Sandbox
-    _lock: threading.Lock
-    _table: TaskTable
-    _events: EventHub
-    _animators: dict[str, Registration]
-    _queue: deque[str]
-    _running: set[str]
-    _terminating: bool
-    _backend: Backend
-    _report_gates: dict[str, _ReportGate]
-    log_limit: int
-    #: the logs of started tasks whose output has not ended, by task id (loop thread)
-    _open_logs: dict[str, tuple[TaskLog, str]]
-    #: bytes captured and lines dropped, by (operation, stream), since the start
-    _log_totals: dict[tuple[str, str], list[int]]
+    def __init__(self, ledger: Ledger, backend: Backend, *, max_workers: int,
+                 cancel_grace: float, purge_delay: float, sandbox: Sandbox,
+                 log_limit: int) -> None:
+        self._ledger = ledger
+        self._backend = backend
+        self.max_workers = max_workers  #: Host: tasks in flight at most
+        self.cancel_grace = cancel_grace  #: Host: seconds a canceled task may live on
+        self.sandbox = sandbox  #: Host: the default of every operation, as in effect here
+        self.purge_delay = purge_delay
+        self.log_limit = log_limit
+        self._report_gates: dict[str, _ReportGate] = {}
+        #: the logs of started tasks whose output has not ended, by task id
+        self._open_logs: dict[str, tuple[TaskLog, str]] = {}
 
-    def _check_open(self) -> None:
-        if self._terminating:
-            raise ManagerTerminated("the manager is terminating or terminated")
-
-    def _check_available(self) -> None:
-        reason = self._backend.unavailable()
-        if reason is not None:
-            raise BackendUnavailable(reason)
-
-    def _publish(self, method: str, task: Task) -> None:
-        """Queue a change event (caller holds the lock, so order is change order)."""
-        if not self._events.active:
-            return
-        uri = "/tasks" if method == "POST" else f"/tasks/{task.id}"
-        scope: dict[str, Any] = {"operation": task.operation, "state": task.state.value}
-        if method == "POST":
-            scope = {"meta.id": task.id, **scope}
-        # NOTE: one immutable snapshot, shared by every subscriber: nothing is copied here.
-        self._events.publish(ChangeEvent(method, uri, scope, task.snapshot()))
-
-    async def _boot(self) -> None:
+    async def open(self) -> None:
+        """Open the backend (step 0 of the manager's life)."""
         await self._backend.open(self)
+        self._note_availability()
 
-    def _dispatch(self) -> None:
-        """Hand queued tasks, oldest first, to the backend while slots are free."""
-        if self._terminating:
-            return
+    def _note_availability(self) -> str | None:
+        """Copy the backend's availability into the ledger, where callers read it."""
         reason = self._backend.unavailable()
+        with self._ledger.lock:
+            self._ledger.unavailable = reason
+        return reason
+
+    def new_log(self) -> TaskLog:
+        """A task log with the manager's limits."""
+        return TaskLog(self.log_limit, CONSTS.subscriber_backlog,
+                       CONSTS.subscriber_backlog_bytes)
+
+    # -- handing tasks over ----------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand queued tasks, oldest first, to the backend while slots are free."""
+        ledger = self._ledger
+        if ledger.terminating:
+            return
+        reason = self._note_availability()
         if reason is not None:
             self._fail_queued(reason)
             return
         while True:
-            with self._lock:
-                if not (self._queue and len(self._running) < self.max_workers):
+            with ledger.lock:
+                if not (ledger.queue and len(ledger.running) < self.max_workers):
                     return
-                head = self._table.get(self._queue[0])
+                head = ledger.table.get(ledger.queue[0])
                 assert head is not None
                 if not self._backend.can_start(head.registration):
                     return
-                # NOTE: claimed (out of the queue, in _running) before the lock is
+                # NOTE: claimed (out of the queue, in running) before the lock is
                 # released: a cancel meanwhile takes the running path and reaches
                 # the process once it started.
-                task_id = self._queue.popleft()
-                task = self._table.get(task_id)
+                task_id = ledger.queue.popleft()
+                task = ledger.table.get(task_id)
                 assert task is not None and task.state is TaskState.NEW
-                self._running.add(task_id)
+                ledger.running.add(task_id)
                 snapshot, registration = task.snapshot(), task.registration
             # NOTE: the hand-over (decoding the task, pickling, writing to a
             # pipe or a scheduler) happens outside the lock, so that no reader
@@ -136,103 +146,68 @@ class Supervision:
             except Exception as exc:  # NOTE: a backend's bug fails this task, not the loop
                 log.exception("task %s could not be started", task_id)
                 started, broken = False, f"could not be started: {type(exc).__name__}: {exc}"
-            with self._lock:
+            with ledger.lock:
                 if started:
                     task.started = True
                     if task.log is None:
-                        task.log = self._new_log()
+                        task.log = self.new_log()
                     self._open_logs[task_id] = (task.log, task.operation)
                     if self._backend.starts_running:
-                        self._table.transition(task, TaskState.ACTIVE)
-                        self._publish("PATCH", task)
+                        ledger.change(task, TaskState.ACTIVE)
                     continue
-                self._running.discard(task_id)
+                ledger.running.discard(task_id)
                 if broken is None and not task.cancel_requested:
-                    self._queue.appendleft(task_id)  # the backend could not take it: retry
+                    ledger.queue.appendleft(task_id)  # the backend could not take it: retry
                     continue
                 if broken is not None:
-                    self._table.transition(task, TaskState.FAILED, broken[:300])
+                    outcome = Outcome(OutcomeKind.LOST, broken[:300])
                 else:
-                    self._table.transition(task, TaskState.CANCELED, "canceled while queued")
-                self._publish("PATCH", task)
-            self._schedule_purge(task_id)
+                    outcome = Outcome(OutcomeKind.CANCELED_QUEUED, "canceled while queued")
+                ledger.change(task, outcome.state, outcome=outcome)
+            self.schedule_purge(task_id)
 
     def _fail_queued(self, reason: str) -> None:
-        with self._lock:
-            failed = list(self._queue)
-            self._queue.clear()
+        """The backend cannot run tasks now: every queued task is LOST."""
+        ledger = self._ledger
+        with ledger.lock:
+            failed = list(ledger.queue)
+            ledger.queue.clear()
             for task_id in failed:
-                task = self._table.get(task_id)
+                task = ledger.table.get(task_id)
                 if task is not None:
-                    self._table.transition(task, TaskState.FAILED, reason)
-                    self._publish("PATCH", task)
+                    ledger.change(task, TaskState.FAILED,
+                                  outcome=Outcome(OutcomeKind.LOST, reason))
         for task_id in failed:
-            self._schedule_purge(task_id)
+            self.schedule_purge(task_id)
 
-    def _new_log(self) -> TaskLog:
-        return TaskLog(self.log_limit, CONSTS.subscriber_backlog,
-                       CONSTS.subscriber_backlog_bytes)
+    def cancel_running(self, task_id: str) -> None:
+        """Tell a started task's backend to cancel it (the facade marked it)."""
+        if task_id in self._ledger.running:
+            self._backend.cancel(task_id)
 
-    # -- the Host side of the backend seam ----------------------------------
+    def kill_running(self, task_id: str, reason: str) -> None:
+        """Kill a started task's tree now, without a cancel grace."""
+        if task_id in self._ledger.running:
+            self._backend.kill(task_id, reason)
 
-    def task_output(self, task_id: str, stream: str, data: bytes,
-                    when: float | None = None) -> None:
-        """Take bytes a started task wrote on ``stream`` (``"stdout"``/``"stderr"``)."""
-        found = self._open_logs.get(task_id)
-        if found is None or not data:
-            return
-        task_log, operation = found
-        index = STREAMS.index(stream)
-        dropped = task_log.feed(index, data, time.time() if when is None else when)
-        self._count_output(operation, stream, len(data), dropped)
-
-    def task_output_lines(self, task_id: str, stream: str, texts: list[str],
-                          when: float) -> None:
-        """Take lines a started task wrote, already split (by a remote worker)."""
-        found = self._open_logs.get(task_id)
-        if found is None or not texts:
-            return
-        task_log, operation = found
-        dropped = task_log.append_lines(STREAMS.index(stream), texts, when)
-        self._count_output(operation, stream, sum(len(t) + 1 for t in texts), dropped)
-
-    def _count_output(self, operation: str, stream: str, size: int, dropped: int) -> None:
-        totals = self._log_totals.get((operation, stream))
-        if totals is None:
-            with self._lock:  # NOTE: a new key, while log_totals() may be iterating
-                totals = self._log_totals.setdefault((operation, stream), [0, 0])
-        totals[0] += size
-        totals[1] += dropped
-
-    def task_output_closed(self, task_id: str) -> None:
-        """A started task's output ended (every pipe closed, or given up on)."""
-        found = self._open_logs.pop(task_id, None)
-        if found is None:
-            return
-        task_log, operation = found
-        now = time.time()
-        for index, stream in enumerate(STREAMS):
-            self._count_output(operation, stream, 0, task_log.flush(index, now))
-        with self._lock:
-            task = self._table.get(task_id)
-            task_log.close(terminal=task is not None and task.terminal)
+    # -- the Host side of the backend seam ---------------------------------------
 
     def backend_changed(self) -> None:
         """Capacity or availability changed."""
-        self._dispatch()
+        self.dispatch()
 
     def task_running(self, task_id: str) -> None:
         """A started task's process runs now (for a backend that does not start
         tasks running at once): NEW becomes ACTIVE."""
-        with self._lock:
+        with self._ledger.lock:
             self._run(task_id)
 
     def _run(self, task_id: str) -> None:
         """NEW ⇒ ACTIVE for a started task (caller holds the lock)."""
-        task = self._table.get(task_id)
-        if task is not None and task.state is TaskState.NEW and task_id in self._running:
-            self._table.transition(task, TaskState.ACTIVE)
-            self._publish("PATCH", task)
+        ledger = self._ledger
+        task = ledger.table.get(task_id)
+        if task is not None and task.state is TaskState.NEW and task_id in ledger.running:
+            ledger.change(task, TaskState.ACTIVE)
 
     def task_message(self, task_id: str, message: Report) -> str | None:
         """Take one report of a running task (ignored once it is terminal).
@@ -243,8 +218,12 @@ class Supervision:
         for its end and apply together as one version (notes in order,
         progress merged), so a flood of frames cannot flood the table. A state
         change is a change of its own: what is pending applies first, then it.
+
+        Returns:
+            What was wrong with the report (the backend ends the task as a
+            protocol error), or None.
         """
-        if task_id not in self._running:
+        if task_id not in self._ledger.running:
             return None  # NOTE: it ended; a late report must not leave a gate behind
         gate = self._report_gates.get(task_id)
         if gate is None:
@@ -261,13 +240,13 @@ class Supervision:
             if message.state not in (TaskState.ACTIVE.value, TaskState.WAITING.value):
                 return f"bad state {message.state!r}"[:200]
             self._flush_reports(task_id)
-            with self._lock:
+            ledger = self._ledger
+            with ledger.lock:
                 self._run(task_id)  # NOTE: a report says it runs
-                task = self._table.get(task_id)
+                task = ledger.table.get(task_id)
                 new = TaskState(message.state)
                 if task is not None and not task.terminal and new is not task.state:
-                    self._table.transition(task, new)
-                    self._publish("PATCH", task)
+                    ledger.change(task, new)
             return None
         elif isinstance(message, Note):
             gate.pending.append(clean_text(message.text))
@@ -294,45 +273,94 @@ class Supervision:
         pending, values = list(gate.pending), gate.values
         gate.pending.clear()
         gate.values = {}
-        with self._lock:
+        ledger = self._ledger
+        with ledger.lock:
             self._run(task_id)  # NOTE: a report says it runs
-            task = self._table.get(task_id)
+            task = ledger.table.get(task_id)
             if task is None or task.terminal:
                 return
             for text in pending:
                 task.note(text)
             if values:
                 task.set_progress(values, gate.timestamp)  # NOTE: the one version bump
+                ledger.publish("PATCH", task)
             else:
-                task.touch()
-            self._publish("PATCH", task)
+                ledger.touch(task)
 
-    def task_finished(self, task_id: str, outcome: Outcome) -> None:
+    def task_finished(self, task_id: str, ending: Ending) -> None:
         """Record the task's one terminal state and free its slot."""
         self._flush_reports(task_id)  # NOTE: the last reports are never lost
         self._report_gates.pop(task_id, None)
-        with self._lock:
-            self._running.discard(task_id)
-            task = self._table.get(task_id)
+        ledger = self._ledger
+        outcome = ending.outcome
+        if ledger.terminating and outcome.kind in _CANCELED_RUNNING:
+            outcome = Outcome(OutcomeKind.CANCELED_TERMINATE, outcome.message,
+                              outcome.exit_code, outcome.signal, outcome.error_type,
+                              outcome.killed)
+        with ledger.lock:
+            ledger.running.discard(task_id)
+            task = ledger.table.get(task_id)
             if outcome.state is TaskState.SUCCEEDED:
                 self._run(task_id)  # NOTE: it ran, though no report said so in time
             if task is not None and not task.terminal:
-                if outcome.result_json is not None and outcome.state is TaskState.SUCCEEDED:
-                    task.result_json = outcome.result_json.encode("ascii")
-                self._table.transition(task, outcome.state, *outcome.notes)
-                self._publish("PATCH", task)
-        first = outcome.notes[0] if outcome.notes else ""
-        if outcome.traceback:
-            log.error("task %s failed: %s\n%s", task_id, first, outcome.traceback)
-        log.info("task %s ended %s%s", task_id, outcome.state.value,
-                 f": {first}" if first else "")
-        self._schedule_purge(task_id)
-        self._dispatch()
+                if ending.result_json is not None and outcome.state is TaskState.SUCCEEDED:
+                    task.result_json = ending.result_json.encode("ascii")
+                ledger.change(task, outcome.state, *ending.notes, outcome=outcome,
+                              usage=ending.usage)
+        if ending.traceback:
+            log.error("task %s failed: %s\n%s", task_id, outcome.message, ending.traceback)
+        log.info("task %s ended %s (%s)%s", task_id, outcome.state.value, outcome.kind.value,
+                 f": {outcome.message}" if outcome.message else "")
+        self.schedule_purge(task_id)
+        self.dispatch()
 
-    # -- purge, cancel, shutdown --------------------------------------------
+    def task_output(self, task_id: str, stream: str, data: bytes,
+                    when: float | None = None) -> None:
+        """Take bytes a started task wrote on ``stream`` (``"stdout"``/``"stderr"``)."""
+        found = self._open_logs.get(task_id)
+        if found is None or not data:
+            return
+        task_log, operation = found
+        index = STREAMS.index(stream)
+        dropped = task_log.feed(index, data, time.time() if when is None else when)
+        self._count_output(operation, stream, len(data), dropped)
 
-    def _schedule_purge(self, task_id: str) -> None:
-        if self._terminating:
+    def task_output_lines(self, task_id: str, stream: str, texts: list[str],
+                          when: float) -> None:
+        """Take lines a started task wrote, already split (by a remote worker)."""
+        found = self._open_logs.get(task_id)
+        if found is None or not texts:
+            return
+        task_log, operation = found
+        dropped = task_log.append_lines(STREAMS.index(stream), texts, when)
+        self._count_output(operation, stream, sum(len(t) + 1 for t in texts), dropped)
+
+    def _count_output(self, operation: str, stream: str, size: int, dropped: int) -> None:
+        totals = self._ledger.log_totals.get((operation, stream))
+        if totals is None:
+            with self._ledger.lock:  # NOTE: a new key, while log_totals() may be iterating
+                totals = self._ledger.log_totals.setdefault((operation, stream), [0, 0])
+        totals[0] += size
+        totals[1] += dropped
+
+    def task_output_closed(self, task_id: str) -> None:
+        """A started task's output ended (every pipe closed, or given up on)."""
+        found = self._open_logs.pop(task_id, None)
+        if found is None:
+            return
+        task_log, operation = found
+        now = time.time()
+        for index, stream in enumerate(STREAMS):
+            self._count_output(operation, stream, 0, task_log.flush(index, now))
+        with self._ledger.lock:
+            task = self._ledger.table.get(task_id)
+            task_log.close(terminal=task is not None and task.terminal)
+
+    # -- purge and shutdown -------------------------------------------------------
+
+    def schedule_purge(self, task_id: str) -> None:
+        """Purge a finished task ``purge_delay`` seconds from now (at once for 0)."""
+        if self._ledger.terminating:
             return
         if self.purge_delay == 0:
             self._purge(task_id)
@@ -340,35 +368,46 @@ class Supervision:
             asyncio.get_running_loop().call_later(self.purge_delay, self._purge, task_id)
 
     def _purge(self, task_id: str) -> None:
-        with self._lock:
-            task = self._table.get(task_id)
+        ledger = self._ledger
+        with ledger.lock:
+            task = ledger.table.get(task_id)
             if task is None or not task.terminal:
                 return
-            self._table.remove(task_id)
-            self._publish("DELETE", task)
+            ledger.table.remove(task_id)
+            ledger.publish("DELETE", task)
             if task.log is not None:
                 task.log.end("purged")
 
-    def _cancel_running(self, task_id: str) -> None:
-        if task_id in self._running:
-            self._backend.cancel(task_id)
+    async def shutdown(self, deadline: float) -> None:
+        """Steps 2-4 of terminate(), all on this thread; step 1 (refusing new work)
+        was taken under the lock by the caller.
 
-    async def _shutdown(self) -> None:
-        """Steps 2-4 of terminate(), on the loop."""
-        # 2. cancel queued tasks; mark running ones; the backend tells, waits, kills.
-        with self._lock:
-            for task_id in self._queue:
-                task = self._table.get(task_id)
+        NOTE: the last resort (kill every process by force) runs here too, when
+        the backend's orderly shutdown raises or outlives ``deadline`` seconds:
+        one thread owns the whole shutdown, so nothing closes a descriptor
+        twice or races the backend's own steps.
+        """
+        # 2. cancel queued tasks (they never ran); mark running ones; the backend
+        # tells them, waits cancel_grace, kills what is left (3) and stops (4).
+        ledger = self._ledger
+        with ledger.lock:
+            for task_id in ledger.queue:
+                task = ledger.table.get(task_id)
                 if task is not None:
                     task.cancel_requested = True
-                    self._table.transition(task, TaskState.CANCELED,
-                                           "canceled: the manager is terminating")
-                    self._publish("PATCH", task)
-            self._queue.clear()
-            for task_id in self._running:
-                task = self._table.get(task_id)
+                    ledger.change(task, TaskState.CANCELED, outcome=Outcome(
+                        OutcomeKind.CANCELED_QUEUED, "canceled: the manager is terminating"))
+            ledger.queue.clear()
+            for task_id in ledger.running:
+                task = ledger.table.get(task_id)
                 if task is not None and not task.cancel_requested:
                     task.cancel_requested = True
-                    task.touch()
-                    self._publish("PATCH", task)
-        await self._backend.shutdown()
+                    ledger.touch(task)
+        log.debug("terminate: queued tasks canceled; the backend ends the running ones")
+        try:
+            await asyncio.wait_for(self._backend.shutdown(), deadline)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.exception("terminate: the orderly shutdown failed; killing every process")
+            self._backend.kill_everything()

@@ -1,23 +1,22 @@
-"""The Manager: the task table, its limits, and the supervision of every child.
+"""The Manager: the facade callers use — create, cancel, read, follow, terminate.
 
-Where tasks run is a :class:`~supervisor.backend.Backend`; the picture below
-is the default, :class:`~supervisor.backends.local.LocalBackend`.
+It validates on the caller's thread, records under the ledger's lock and hands
+over; everything that runs tasks happens on the loop thread, in the
+:class:`~supervisor.dispatcher.Dispatcher` and the backend it hosts.
 
 ::
 
-    callers (any thread)            loop thread (uvloop)                 processes
-    ────────────────────            ────────────────────                 ─────────
-    run_task ── lock ─▶ table ◀──── dispatch: warm process ─ Start ───▶ task process
-    cancel_task ────────┤           on frames: Progress, Note, ... ◀─── (one per task)
-    get/list_tasks ─────┤           on pidfd: process exited
-    subscribe ─▶ EventHub ◀─ events on Exited: tree gone ─▶ final state ◀─ starter
-    terminate ─▶ run(_shutdown) on the loop, then stop it                (forks, reaps)
+    callers (any thread)           loop thread                        where tasks run
+    ────────────────────           ───────────                        ───────────────
+    run_task ─ check ─ lock ─▶ Ledger ◀─ Dispatcher ─ start(Launch) ─▶ Backend
+    cancel_task / kill_task ─ call ────▶ (the Host)  ◀─ reports, Ending ─ (local: a
+    get/list_tasks ─ lock ─▶ snapshots                                   process per task)
+    subscribe ─▶ EventHub ◀─ every change, published under the lock
+    terminate ─ flag ─ run ────────────▶ Dispatcher.shutdown(): cancel, kill, stop
 
-Every state change happens under ``self._lock`` and is published to the
-EventHub in the same critical section, so subscribers see changes in order.
-The loop never blocks on a child: frames are read without blocking, exits
-come from pidfds and from the starter's ``Exited`` reports, and every delay
-(cancel grace, timeout, SIGTERM→SIGKILL, purge) is a loop timer.
+Every state change happens under the ledger's lock and is published in the
+same critical section, so subscribers see changes in order. No backend call
+runs under that lock, and no caller's thread ever calls a backend.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import itertools
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -36,8 +35,9 @@ from typing import Any
 from supervisor.backend import Backend, Registration
 from supervisor.backends.local import LocalBackend
 from supervisor.consts import CONSTS
-from supervisor.dispatcher import Supervision
+from supervisor.dispatcher import Dispatcher
 from supervisor.errors import (
+    BackendUnavailable,
     HousekeepingError,
     InvalidArguments,
     QueueFull,
@@ -45,24 +45,24 @@ from supervisor.errors import (
     UnsupportedOperation,
 )
 from supervisor.events import Callback, EventHub, RawCallback
+from supervisor.ledger import Ledger
 from supervisor.loop import LoopThread
+from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.sandbox import DEFAULT_UID_RANGE, Sandbox, check_uid_range, containment
 from supervisor.states import TaskState
-from supervisor.table import TaskTable
-from supervisor.task import EncodedCreate, ParsedCreate, Task
+from supervisor.task import Task, check_create
 from supervisor.tasklog import LineCallback
-from supervisor.wire import TaskSnapshot, encode_json
+from supervisor.wire import TaskSnapshot
 
 DEFAULT_LOG_LIMIT = 1024 * 1024  #: bytes of output kept per task
 
 log = logging.getLogger("housekeeping.supervisor")
 
-_CREATE_FIELDS = {"operation": str, "objectId": str, "serviceStates": dict, "args": dict}
-_MAX_OBJECT_ID = 128
 _manager_numbers = itertools.count(1)
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
-class Manager(Supervision):
+class Manager:
     """Supervise in-memory tasks, each running in a child process of its own.
 
     Args:
@@ -137,25 +137,21 @@ class Manager(Supervision):
         self.cancel_grace = float(cancel_grace)
         self.subreaper = subreaper
         self.log_limit = log_limit
-        self._open_logs = {}
-        self._log_totals = {}
 
-        self._lock = threading.Lock()
-        self._table = TaskTable()
         self._events = EventHub(CONSTS.subscriber_backlog, CONSTS.subscriber_backlog_bytes)
-        self._animators: dict[str, Registration] = {}
-        self._queue: deque[str] = deque()
-        self._running: set[str] = set()  # ids of the tasks the backend runs
-        self._report_gates = {}  # reports waiting for their window, by task id
-        self._terminating = False
+        self._ledger = Ledger(self._events)
+        self._backend = backend or LocalBackend(subreaper=subreaper, uid_range=uid_range)
+        self._dispatcher = Dispatcher(
+            self._ledger, self._backend, max_workers=max_workers,
+            cancel_grace=self.cancel_grace, purge_delay=self.purge_delay,
+            sandbox=self.sandbox, log_limit=log_limit)
         self._terminate_lock = threading.Lock()
         self._terminated = False
-        self._backend = backend or LocalBackend(subreaper=subreaper, uid_range=uid_range)
 
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
         try:
-            self._loop_thread.run(self._boot())
+            self._loop_thread.run(self._dispatcher.open())
         except BaseException:
             self._loop_thread.stop()
             raise
@@ -219,15 +215,15 @@ class Manager(Supervision):
         registration = Registration(animator, pickled, main_path, timeout, max_memory,
                                     effective, None if module == "__main__" else module,
                                     sandbox or self._requested_sandbox)
-        with self._lock:
-            self._check_open()
-            self._animators[operation] = registration
+        with self._ledger.lock:
+            self._ledger.check_open()
+            self._ledger.animators[operation] = registration
         self._loop_thread.call(self._backend.prepare, registration)
 
     def registered_operations(self) -> list[str]:
         """The operations with an animator, sorted."""
-        with self._lock:
-            return sorted(self._animators)
+        with self._ledger.lock:
+            return sorted(self._ledger.animators)
 
     def operations(self) -> list[dict[str, Any]]:
         """Each registered operation with its limits as in effect, sorted by name.
@@ -237,8 +233,8 @@ class Manager(Supervision):
             "privateNetwork", "user", "maxProcesses", "maxCpuSeconds",
             "maxOpenFiles"}}, ...]`` (the form of ``GET /api/v1/operations``).
         """
-        with self._lock:
-            registered = sorted(self._animators.items())
+        with self._ledger.lock:
+            registered = sorted(self._ledger.animators.items())
         return [{"operation": name, "timeout": reg.timeout, "maxMemory": reg.max_memory,
                  "sandbox": reg.sandbox.to_wire()} for name, reg in registered]
 
@@ -264,19 +260,36 @@ class Manager(Supervision):
             InvalidArguments: also for any other exception from ``validate``
                 (chained as its ``__cause__``).
         """
-        return self._create_task(create)
+        return self._create(create, None, None)
 
-    def _create_task(self, create: dict[str, Any], task_id: str | None = None,
-                     log_callback: LineCallback | None = None) -> str:
-        """run_task(), with the id chosen by the caller if it is free (remote runs keep
-        the supervisor's id, so an animator sees the same task on either backend),
-        and ``log_callback`` following its log from the start (a remote run forwards
-        it: with ``purge_delay=0`` a task may be gone before a later subscribe)."""
-        encoded = _check_create(create)  # NOTE: encodes args once, outside the lock
-        with self._lock:
-            self._check_open()
-            self._check_available()
-            registration = self._animators.get(create["operation"])
+    def run_task_as(self, task_id: str, create: dict[str, Any], *,
+                    follow_log: LineCallback | None = None) -> str:
+        """:meth:`run_task` with an id the caller chose: what a backend's remote half
+        uses, so that an animator sees the same task id wherever it runs.
+
+        Args:
+            task_id: the id to give the task (1-128 of ``[A-Za-z0-9_-]``).
+            follow_log: receives the task's log lines from its very first (as
+                :meth:`subscribe_log` would), so that none is missed even when
+                the task is purged at once.
+
+        Raises:
+            ValueError: ``task_id`` is malformed or already in the table.
+            (and everything :meth:`run_task` raises)
+        """
+        if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+            raise ValueError("task_id must be 1-128 of [A-Za-z0-9_-]")
+        return self._create(create, task_id, follow_log)
+
+    def _create(self, create: dict[str, Any], task_id: str | None,
+                follow_log: LineCallback | None) -> str:
+        encoded = check_create(create)  # NOTE: encodes args once, outside the lock
+        ledger = self._ledger
+        with ledger.lock:
+            ledger.check_open()
+            if ledger.unavailable is not None:
+                raise BackendUnavailable(ledger.unavailable)
+            registration = ledger.animators.get(create["operation"])
         if registration is None:
             raise UnsupportedOperation(f"unsupported operation {create['operation']!r}")
         try:
@@ -287,25 +300,29 @@ class Manager(Supervision):
             # NOTE: any other exception from validate is still a refusal of
             # the arguments (REST: 400); the original stays as __cause__.
             raise InvalidArguments(str(exc) or type(exc).__name__) from exc
-        with self._lock:
-            self._check_open()
+        with ledger.lock:
+            ledger.check_open()
             if self.max_queued is not None:
-                free = max(0, self.max_workers - len(self._running))
-                would_wait = max(0, len(self._queue) + 1 - free)
+                free = max(0, self.max_workers - len(ledger.running))
+                would_wait = max(0, len(ledger.queue) + 1 - free)
                 if would_wait > self.max_queued:
-                    raise QueueFull(f"queue full: {len(self._queue)} tasks already wait")
-            while task_id is None or self._table.get(task_id) is not None:
-                task_id = self._table.new_id(create["operation"])
-            task = Task(task_id, create, encoded)
+                    raise QueueFull(f"queue full: {len(ledger.queue)} tasks already wait")
+            if task_id is None:
+                task_id, number = ledger.table.new_id(create["operation"])
+            elif ledger.table.get(task_id) is not None:
+                raise ValueError(f"task id {task_id!r} is taken")
+            else:
+                number = ledger.table.new_id(create["operation"])[1]
+            task = Task(task_id, create, encoded, number)
             task.registration = registration
-            if log_callback is not None:
-                task.log = self._new_log()
-                task.log.follow(log_callback, 0)
-            self._table.add(task)
-            self._queue.append(task.id)
-            self._publish("POST", task)
+            if follow_log is not None:
+                task.log = self._dispatcher.new_log()
+                task.log.follow(follow_log, 0)
+            ledger.table.add(task)
+            ledger.queue.append(task.id)
+            ledger.publish("POST", task)
         log.info("task %s created (%s)", task.id, task.operation)
-        self._loop_thread.call(self._dispatch)
+        self._loop_thread.call(self._dispatcher.dispatch)
         return task.id
 
     def get_task(self, task_id: str) -> dict[str, Any]:
@@ -329,36 +346,36 @@ class Manager(Supervision):
         Raises:
             TaskNotFound: the id is unknown or was purged.
         """
-        with self._lock:
-            task = self._table.get(task_id)
+        with self._ledger.lock:
+            task = self._ledger.table.get(task_id)
             if task is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
             return task.snapshot()
 
     def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
         """Return the snapshots of all tasks (of one operation), in creation order."""
-        with self._lock:
-            return [task.snapshot() for task in self._table.select(operation)]
+        with self._ledger.lock:
+            return [task.snapshot() for task in self._ledger.table.select(operation)]
 
     def counts(self) -> dict[str, int]:
         """Count tasks by state, plus ``queued`` and ``running`` (for health checks).
 
         Kept as the table changes: O(operations × states), whatever its size.
         """
-        with self._lock:
+        with self._ledger.lock:
             counts = {state.value: 0 for state in TaskState}
-            for (_, state), count in self._table.counts().items():
+            for (_, state), count in self._ledger.table.counts().items():
                 counts[state.value] += count
-            counts["queued"] = len(self._queue)
-            counts["running"] = len(self._running)
-            counts["total"] = len(self._table)
+            counts["queued"] = len(self._ledger.queue)
+            counts["running"] = len(self._ledger.running)
+            counts["total"] = len(self._ledger.table)
             return counts
 
     def counts_by_operation(self) -> dict[str, dict[str, int]]:
         """Count tasks by operation and state: every registered operation, every state."""
-        with self._lock:
-            found = self._table.counts()
-            operations = set(self._animators) | {operation for operation, _ in found}
+        with self._ledger.lock:
+            found = self._ledger.table.counts()
+            operations = set(self._ledger.animators) | {operation for operation, _ in found}
         return {operation: {state.value: found.get((operation, state), 0)
                             for state in TaskState}
                 for operation in sorted(operations)}
@@ -369,23 +386,55 @@ class Manager(Supervision):
         Raises:
             TaskNotFound: the id is unknown, purged or the task already finished.
         """
-        with self._lock:
-            task = self._table.get(task_id)
+        ledger = self._ledger
+        with ledger.lock:
+            task = ledger.table.get(task_id)
             if task is None or task.terminal:
                 raise TaskNotFound(f"task {task_id!r} not found or already finished")
             if task.cancel_requested:
                 return
             task.cancel_requested = True
-            if task.state is TaskState.NEW and task_id not in self._running:
-                self._queue.remove(task_id)
-                self._table.transition(task, TaskState.CANCELED, "canceled while queued")
-                self._publish("PATCH", task)
-                self._loop_thread.call(self._schedule_purge, task_id)
-            else:  # running, or being handed over (the loop cancels it once started)
-                task.touch()
-                self._publish("PATCH", task)
-                self._loop_thread.call(self._cancel_running, task_id)
+            queued = self._cancel_queued(task)
+            if not queued:  # running, or being handed over (canceled once started)
+                ledger.touch(task)
+        if queued:
+            self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
+        else:
+            self._loop_thread.call(self._dispatcher.cancel_running, task_id)
         log.info("task %s cancel requested", task_id)
+
+    def kill_task(self, task_id: str, reason: str) -> None:
+        """End a task now, without a cancel grace: its tree is killed at once
+        (``canceled-killed``, with ``reason``), or it is canceled if still queued.
+
+        For a caller that must not wait, e.g. a remote half whose supervisor is
+        gone. A task that already reported its outcome keeps it.
+
+        Raises:
+            TaskNotFound: the id is unknown, purged or the task already finished.
+        """
+        ledger = self._ledger
+        with ledger.lock:
+            task = ledger.table.get(task_id)
+            if task is None or task.terminal:
+                raise TaskNotFound(f"task {task_id!r} not found or already finished")
+            if not task.cancel_requested:
+                task.cancel_requested = True
+                if self._cancel_queued(task):
+                    self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
+                    return
+                ledger.touch(task)
+        self._loop_thread.call(self._dispatcher.kill_running, task_id, str(reason)[:300])
+
+    def _cancel_queued(self, task: Task) -> bool:
+        """End a queued task CANCELED (caller holds the lock); False if it was handed over."""
+        ledger = self._ledger
+        if task.state is not TaskState.NEW or task.id in ledger.running:
+            return False
+        ledger.queue.remove(task.id)
+        ledger.change(task, TaskState.CANCELED,
+                      outcome=Outcome(OutcomeKind.CANCELED_QUEUED, "canceled while queued"))
+        return True
 
     def get_log(self, task_id: str, after: int = 0, limit: int | None = None,
                 ) -> dict[str, Any]:
@@ -410,8 +459,8 @@ class Manager(Supervision):
         _check_count("after", after, 0)
         if limit is not None:
             _check_count("limit", limit, 1)
-        with self._lock:
-            task = self._table.get(task_id)
+        with self._ledger.lock:
+            task = self._ledger.table.get(task_id)
             if task is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
             task_log, terminal = task.log, task.terminal
@@ -444,12 +493,12 @@ class Manager(Supervision):
             raise TypeError("callback must be callable")
         if after is not None:
             _check_count("after", after, 0)
-        with self._lock:
-            task = self._table.get(task_id)
+        with self._ledger.lock:
+            task = self._ledger.table.get(task_id)
             if task is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
             if task.log is None:
-                task.log = self._new_log()
+                task.log = self._dispatcher.new_log()
             task_log = task.log
             unsubscribe = task_log.follow(callback, after)
             if task.terminal and (task_log.closed or not task.started):
@@ -458,8 +507,8 @@ class Manager(Supervision):
 
     def log_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
         """Bytes of output captured and lines dropped, by (operation, stream), so far."""
-        with self._lock:
-            return {key: (totals[0], totals[1]) for key, totals in self._log_totals.items()}
+        with self._ledger.lock:
+            return {key: (totals[0], totals[1]) for key, totals in self._ledger.log_totals.items()}
 
     def subscribe(self, callback: Callback) -> Callable[[], None]:
         """Deliver every change event to ``callback``, in order, on a thread of its own.
@@ -484,7 +533,8 @@ class Manager(Supervision):
         """Cancel everything, kill and reap every process of the manager; idempotent.
 
         Blocks until no process of any task tree and no helper process of this
-        manager is alive.
+        manager is alive. The whole shutdown runs on the loop thread
+        (:meth:`~supervisor.dispatcher.Dispatcher.shutdown`), its last resort too.
         """
         if self._loop_thread.in_loop():
             raise RuntimeError("terminate() cannot be called from the manager's loop")
@@ -492,24 +542,25 @@ class Manager(Supervision):
             if self._terminated:
                 return
             # 1. refuse new work (the flag is set under the lock).
-            with self._lock:
-                self._terminating = True
+            with self._ledger.lock:
+                self._ledger.terminating = True
             log.debug("terminate: refusing new tasks")
+            deadline = self.cancel_grace + CONSTS.terminate_slack
             try:
-                self._loop_thread.run(
-                    self._shutdown(), timeout=self.cancel_grace + CONSTS.terminate_slack + 10
-                )
+                self._loop_thread.run(self._dispatcher.shutdown(deadline),
+                                      timeout=deadline + CONSTS.terminate_slack)
             except BaseException:
-                # NOTE: the contract is that nothing of this manager outlives
-                # terminate(); if the orderly shutdown broke, kill by force.
-                log.exception("terminate: the orderly shutdown failed; killing every process")
-                self._backend.kill_everything()
+                log.exception("terminate: the loop did not finish the shutdown")
             finally:
-                # 4. (end) stop the loop thread and the subscribers' threads.
-                self._loop_thread.stop()
-                self._events.close(timeout=2.0)
+                # 5. stop the loop thread and the subscribers' threads.
+                self._loop_thread.stop(CONSTS.loop_stop_timeout)
+                self._events.close(timeout=CONSTS.subscribers_stop_timeout)
                 self._terminated = True
             log.debug("terminate: done")
+
+    def close(self) -> None:
+        """The same as :meth:`terminate`."""
+        self.terminate()
 
     def __enter__(self) -> Manager:
         return self
@@ -530,39 +581,3 @@ def _check_count(name: str, value: object, least: int) -> None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_create(create: object) -> EncodedCreate:
-    """Check the shape of a create dict; raise InvalidArguments naming the field.
-
-    Returns:
-        Its ``args`` and ``serviceStates`` as compact JSON (strict: no NaN).
-    """
-    if not isinstance(create, dict):
-        raise InvalidArguments(f"the task must be a JSON object, not {type(create).__name__}")
-    for name in create:
-        if name not in _CREATE_FIELDS:
-            raise InvalidArguments(f"unknown or read-only field {name!r}")
-    if "operation" not in create:
-        raise InvalidArguments("operation is required")
-    for name, kind in _CREATE_FIELDS.items():
-        if name in create and not isinstance(create[name], kind):
-            if name != "operation" and create[name] is None:
-                continue
-            raise InvalidArguments(f"{name} must be {'a string' if kind is str else 'an object'}")
-    if not create["operation"]:
-        raise InvalidArguments("operation must not be empty")
-    object_id = create.get("objectId")
-    if isinstance(object_id, str) and len(object_id) > _MAX_OBJECT_ID:
-        raise InvalidArguments(f"objectId must be at most {_MAX_OBJECT_ID} characters")
-    encoded = []
-    given = create.json_text if isinstance(create, ParsedCreate) else {}
-    for name in ("serviceStates", "args"):
-        if isinstance(create.get(name), dict) and name in given:
-            encoded.append(given[name])  # NOTE: as parsed by the REST layer, not re-encoded
-            continue
-        try:
-            encoded.append(encode_json(create.get(name) or {}))
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise InvalidArguments(f"{name} must be JSON: {exc}") from None
-    return EncodedCreate(*encoded)

@@ -34,6 +34,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.outcome import REPORTABLE, OutcomeKind
+
 #: Upper bound of one encoded message read from a child (a 1 MiB result plus room).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Upper bound of a task result, JSON-encoded.
@@ -147,6 +149,8 @@ class Finished:
     reason: str | None = None  #: why it FAILED or was CANCELED, one line
     traceback: str | None = None  #: formatted in the child, logged by the parent
     error_type: str | None = None  #: the exception's type name, if one ended it
+    #: the :class:`~supervisor.outcome.OutcomeKind` it claims, one of ``REPORTABLE``
+    kind: str | None = None
 
 
 # -- parent <-> starter -------------------------------------------------------
@@ -207,6 +211,9 @@ class Exited:
     pid: int  #: the starter's child: the task process, or the init in front of it
     exitcode: int  #: the task process's (an init passes its task process's on)
     token: int = 0  #: the :class:`Spawn` it came from
+    #: ``(user CPU s, system CPU s, peak RSS bytes)`` of the task process and of
+    #: every process its reaper reaped for it (``wait4``), if known
+    usage: tuple[float, float, int] | None = None
 
 
 _CLASSES: dict[str, type] = {
@@ -417,10 +424,20 @@ def _check_finished(message: Finished) -> Finished:
         result = check_result_json(message.result_json)
     else:
         raise ProtocolError(f"a result with the final state {message.state}")
+    kind = message.kind
+    if kind is not None:
+        try:
+            claimed = OutcomeKind(kind)
+        except (ValueError, TypeError):
+            raise ProtocolError(f"bad outcome kind {kind!r}"[:200]) from None
+        if claimed not in REPORTABLE or claimed.state.value != message.state:
+            raise ProtocolError(f"outcome kind {claimed.value} may not end a task "
+                                f"{message.state}")
     return Finished(
         state=message.state,
         result_json=result,
         reason=_optional_text(message.reason, MAX_TEXT),
         traceback=_optional_text(message.traceback, MAX_TRACEBACK),
         error_type=_optional_text(message.error_type, 128),
+        kind=kind,
     )

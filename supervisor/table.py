@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from supervisor.states import TaskState
 from supervisor.task import Task
+
+if TYPE_CHECKING:
+    from supervisor.outcome import Outcome, Usage
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -26,21 +30,35 @@ class TaskTable:
         self._counter = 0
         self._counts: Counter[tuple[str, TaskState]] = Counter()
 
-    def new_id(self, operation: str) -> str:
-        """Make an id unique for the life of the table, URL-safe, like ``HASH000003``."""
+    def new_id(self, operation: str) -> tuple[str, int]:
+        """Make an id unique for the life of the table, URL-safe, like ``HASH000003``.
+
+        Returns:
+            The id and its creation number (one more than the last one handed out).
+        """
         self._counter += 1
         prefix = _UNSAFE.sub("", operation)[:64] or "TASK"
-        return f"{prefix}{self._counter:06d}"
+        return f"{prefix}{self._counter:06d}", self._counter
+
+    def continue_after(self, number: int) -> None:
+        """Hand out numbers above ``number`` from now on (ids of an earlier run stay unused)."""
+        self._counter = max(self._counter, number)
+
+    @property
+    def last_number(self) -> int:
+        """The last creation number handed out."""
+        return self._counter
 
     def add(self, task: Task) -> None:
         """Insert a new task (it sorts after every existing one)."""
         self._tasks[task.id] = task
         self._counts[(task.operation, task.state)] += 1
 
-    def transition(self, task: Task, new: TaskState, *notes: str) -> None:
+    def transition(self, task: Task, new: TaskState, *notes: str,
+                   outcome: Outcome | None = None, usage: Usage | None = None) -> None:
         """Move ``task`` to ``new`` (see :meth:`Task.transition`), keeping the counts."""
         old = task.state
-        task.transition(new, *notes)
+        task.transition(new, *notes, outcome=outcome, usage=usage)
         if task.id in self._tasks:
             self._counts[(task.operation, old)] -= 1
             self._counts[(task.operation, new)] += 1

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from supervisor.consts import CONSTS
+from supervisor.errors import InvalidArguments
 from supervisor.states import TaskState, can_transition, is_terminal
-from supervisor.wire import Message, TaskSnapshot, progress_wire
+from supervisor.wire import (
+    CREATE_FIELDS,
+    MAX_OBJECT_ID,
+    Message,
+    TaskSnapshot,
+    encode_json,
+    progress_wire,
+    utc_stamp,
+)
 
 if TYPE_CHECKING:
+    from supervisor.outcome import Outcome, Usage
     from supervisor.tasklog import TaskLog
-
-
-def utc_stamp(when: float | None = None) -> str:
-    """Format a time as the wire's RFC 3339 UTC string with microseconds."""
-    moment = datetime.now(UTC) if when is None else datetime.fromtimestamp(when, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Task:
@@ -27,8 +31,10 @@ class Task:
     (encoded once, outside the lock): see :mod:`supervisor.wire`.
     """
 
-    def __init__(self, task_id: str, create: dict[str, Any], encoded: EncodedCreate) -> None:
+    def __init__(self, task_id: str, create: dict[str, Any], encoded: EncodedCreate,
+                 number: int = 0, created_at: float | None = None) -> None:
         self.id = task_id
+        self.number = number  #: its place in creation order (the id counter's value)
         self.operation: str = create["operation"]
         self.object_id: str | None = create.get("objectId")
         self.service_states_json = encoded.service_states_json
@@ -36,10 +42,13 @@ class Task:
         self.state = TaskState.NEW
         self.cancel_requested = False
         self.version = 1
-        self.time_created = self.time_modified = utc_stamp()
+        self.created_at = self.modified_at = time.time() if created_at is None else created_at
+        self.time_created = self.time_modified = utc_stamp(self.created_at)
         self.progress: dict[str, Any] | None = None
         self.messages: deque[Message] = deque(maxlen=CONSTS.max_messages)
         self.result_json: bytes | None = None
+        self.outcome: Outcome | None = None  #: how it ended (terminal tasks only)
+        self.usage: Usage | None = None  #: what it cost (tasks that ran)
         #: the operation's animator and limits when the task was created (a
         #: later re-registration applies to later tasks only)
         self.registration: Any = None
@@ -56,20 +65,32 @@ class Task:
     def touch(self) -> None:
         """Record a change: the version grows by one and timeModified follows."""
         self.version += 1
-        self.time_modified = utc_stamp()
+        self.modified_at = time.time()
+        self.time_modified = utc_stamp(self.modified_at)
 
     def note(self, text: str) -> None:
         """Append a message (the oldest drop out beyond the bound); no version bump."""
         self.messages.append(Message(utc_stamp(), text))
 
-    def transition(self, new: TaskState, *notes: str) -> None:
-        """Move to ``new``, recording "State change A ⇒ B" and any ``notes``.
+    def transition(self, new: TaskState, *notes: str, outcome: Outcome | None = None,
+                   usage: Usage | None = None) -> None:
+        """Move to ``new``, recording any ``notes`` and "State change A ⇒ B".
+
+        A terminal state needs its ``outcome`` (whose message is the first note).
 
         Raises:
-            ValueError: the transition is not allowed (e.g. out of a terminal state).
+            ValueError: the transition is not allowed (e.g. out of a terminal state),
+                or a terminal one comes without its outcome.
         """
         if not can_transition(self.state, new):
             raise ValueError(f"task {self.id}: no transition {self.state} ⇒ {new}")
+        if is_terminal(new):
+            if outcome is None or outcome.state is not new:
+                raise ValueError(f"task {self.id}: {new} needs an outcome of that state")
+            self.outcome = outcome
+            self.usage = usage if usage is not None else self.usage
+            if outcome.message:
+                notes = (outcome.message, *notes)
         for text in notes:
             self.note(text)
         self.note(f"State change {self.state.value} ⇒ {new.value}")
@@ -99,7 +120,8 @@ class Task:
                 cancel_requested=self.cancel_requested,
                 service_states_json=self.service_states_json, args_json=self.args_json,
                 messages=tuple(self.messages), result_json=self.result_json,
-                progress=self.progress,
+                progress=self.progress, outcome=self.outcome, usage=self.usage,
+                number=self.number, created_at=self.created_at, modified_at=self.modified_at,
             )
         return self._snapshot
 
@@ -124,3 +146,39 @@ class EncodedCreate:
     def __init__(self, service_states_json: bytes, args_json: bytes) -> None:
         self.service_states_json = service_states_json
         self.args_json = args_json
+
+
+def check_create(create: object) -> EncodedCreate:
+    """Check the shape of a create dict; raise InvalidArguments naming the field.
+
+    Returns:
+        Its ``args`` and ``serviceStates`` as compact JSON (strict: no NaN).
+    """
+    if not isinstance(create, dict):
+        raise InvalidArguments(f"the task must be a JSON object, not {type(create).__name__}")
+    for name in create:
+        if name not in CREATE_FIELDS:
+            raise InvalidArguments(f"unknown or read-only field {name!r}")
+    if "operation" not in create:
+        raise InvalidArguments("operation is required")
+    for name, kind in CREATE_FIELDS.items():
+        if name in create and not isinstance(create[name], kind):
+            if name != "operation" and create[name] is None:
+                continue
+            raise InvalidArguments(f"{name} must be {'a string' if kind is str else 'an object'}")
+    if not create["operation"]:
+        raise InvalidArguments("operation must not be empty")
+    object_id = create.get("objectId")
+    if isinstance(object_id, str) and len(object_id) > MAX_OBJECT_ID:
+        raise InvalidArguments(f"objectId must be at most {MAX_OBJECT_ID} characters")
+    encoded = []
+    given = create.json_text if isinstance(create, ParsedCreate) else {}
+    for name in ("serviceStates", "args"):
+        if isinstance(create.get(name), dict) and name in given:
+            encoded.append(given[name])  # NOTE: as parsed by the REST layer, not re-encoded
+            continue
+        try:
+            encoded.append(encode_json(create.get(name) or {}))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidArguments(f"{name} must be JSON: {exc}") from None
+    return EncodedCreate(*encoded)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from supervisor.events import Subscriber
-from supervisor.task import utc_stamp
+from supervisor.wire import utc_stamp
 
 STREAMS = ("stdout", "stderr")
 MAX_LINE_BYTES = 16 * 1024  #: a longer line is cut into lines of at most this

@@ -1,4 +1,8 @@
-"""Immutable snapshots of a task, one per version, shared by every reader.
+"""The task's wire form, owned here: its fields, its timestamps, its JSON, its copies.
+
+Everything that writes or reads a task as JSON (the manager, REST, the Dask
+backend, ``workers.testing``, the journal) takes the field names, the
+timestamp format and the encoding from this module.
 
 A task's big parts (``args``, ``serviceStates``, ``result``) are held once,
 as the compact JSON text they were received or returned as. A snapshot is a
@@ -19,8 +23,24 @@ subscribers there are, and publishing an event copies nothing.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from supervisor.outcome import Outcome, Usage
+
+#: The fields a create request may carry, with the JSON type of each; every
+#: other field of a task is read-only.
+CREATE_FIELDS: dict[str, type] = {
+    "operation": str, "objectId": str, "serviceStates": dict, "args": dict,
+}
+#: Longest ``objectId``, in characters.
+MAX_OBJECT_ID = 128
+#: ``timeCreated``, ``timeModified`` and every other time of the wire: RFC 3339,
+#: UTC, microseconds, ``Z``.
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 _PROGRESS_WIRE = {
     "percent_complete": "percentComplete",
@@ -28,6 +48,29 @@ _PROGRESS_WIRE = {
     "offset_bytes": "offsetBytes",
     "transferred_bytes": "transferredBytes",
 }
+#: wire name -> ``TaskOps.set_progress`` keyword
+PROGRESS_NAMES = {wire: name for name, wire in _PROGRESS_WIRE.items()}
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """Format a time (POSIX seconds; now by default) as the wire's timestamp."""
+    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
+    return moment.strftime(STAMP_FORMAT)
+
+
+def parse_stamp(text: object) -> float | None:
+    """Parse a wire timestamp to POSIX seconds; None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def create_fields(task: Mapping[str, Any]) -> dict[str, Any]:
+    """The creation fields of a task (or of a create request), as given."""
+    return {name: task[name] for name in CREATE_FIELDS if name in task}
 
 
 def encode_json(value: Any) -> bytes:
@@ -60,23 +103,37 @@ class TaskSnapshot:
 
     ``json()`` is the task's JSON document, joined from the parts (and the
     messages' JSON) when asked, outside the lock; ``to_dict()`` is a fresh
-    wire dict the caller may keep and change.
+    wire dict the caller may keep and change. ``outcome`` and ``usage`` are
+    the data behind the document's fields of those names (None until known).
     """
 
-    __slots__ = ("_parts", "cancel_requested", "id", "messages", "operation", "size",
-                 "state", "time_created", "time_modified", "version")
+    __slots__ = ("_parts", "cancel_requested", "created_at", "id", "messages",
+                 "modified_at", "number", "object_id", "operation", "outcome", "size",
+                 "state", "time_created", "time_modified", "usage", "version")
 
     def __init__(self, *, task_id: str, operation: str, state: str, version: int,
                  time_created: str, time_modified: str, cancel_requested: bool,
-                 messages: tuple[Message, ...], parts: tuple[bytes | None, ...]) -> None:
+                 messages: tuple[Message, ...], parts: tuple[bytes | None, ...],
+                 object_id: str | None = None, outcome: Outcome | None = None,
+                 usage: Usage | None = None, number: int = 0,
+                 created_at: float | None = None, modified_at: float | None = None) -> None:
         self.id = task_id
         self.operation = operation
+        self.object_id = object_id
         self.state = state
         self.version = version
         self.time_created = time_created
         self.time_modified = time_modified
+        #: the same times as POSIX seconds
+        self.created_at = created_at if created_at is not None else (
+            parse_stamp(time_created) or 0.0)
+        self.modified_at = modified_at if modified_at is not None else (
+            parse_stamp(time_modified) or 0.0)
         self.cancel_requested = cancel_requested
         self.messages = messages
+        self.outcome = outcome
+        self.usage = usage
+        self.number = number  #: the task's creation number (its place in creation order)
         self._parts = parts
         #: the length of :meth:`json`, in bytes (what a backlog of it costs at most)
         self.size = sum(len(part) + 1 if part is not None else 0 for part in parts) + sum(
@@ -86,7 +143,10 @@ class TaskSnapshot:
     def build(cls, *, task_id: str, operation: str, object_id: str | None, state: str,
               version: int, time_created: str, time_modified: str, cancel_requested: bool,
               service_states_json: bytes, args_json: bytes, messages: tuple[Message, ...],
-              result_json: bytes | None, progress: Mapping[str, Any] | None) -> TaskSnapshot:
+              result_json: bytes | None, progress: Mapping[str, Any] | None,
+              outcome: Outcome | None = None, usage: Usage | None = None,
+              number: int = 0, created_at: float | None = None,
+              modified_at: float | None = None) -> TaskSnapshot:
         """Assemble a snapshot from a task's fields; cheap: the big parts are shared."""
         meta = {"id": task_id, "objType": "Task", "version": version,
                 "timeCreated": time_created, "timeModified": time_modified}
@@ -103,24 +163,40 @@ class TaskSnapshot:
             extra["objectId"] = object_id
         if progress is not None:
             extra["progress"] = dict(progress)
+        if outcome is not None:
+            extra["outcome"] = outcome.to_wire()
+        if usage is not None:
+            extra["usage"] = usage.to_wire()
         if extra:
             parts += [b",", encode_json(extra)[1:-1]]
         parts.append(b"}")
         return cls(task_id=task_id, operation=operation, state=state, version=version,
                    time_created=time_created, time_modified=time_modified,
-                   cancel_requested=cancel_requested, messages=messages, parts=tuple(parts))
+                   cancel_requested=cancel_requested, messages=messages, parts=tuple(parts),
+                   object_id=object_id, outcome=outcome, usage=usage, number=number,
+                   created_at=created_at, modified_at=modified_at)
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> TaskSnapshot:
-        """A snapshot of a wire dict (for managers that keep dicts, such as test fakes)."""
+    def from_wire(cls, wire: Mapping[str, Any], number: int = 0) -> TaskSnapshot:
+        """A snapshot of a wire dict (a test fake's, a journal's record).
+
+        Raises:
+            KeyError, ValueError, TypeError: ``wire`` is not a task's wire form.
+        """
+        from supervisor.outcome import Outcome, Usage
+
         meta = wire["meta"]
         messages = tuple(Message(str(m.get("time", "")), str(m.get("message", "")))
                          for m in wire.get("messages") or [])
+        outcome = wire.get("outcome")
+        usage = wire.get("usage")
         return cls(task_id=meta["id"], operation=wire["operation"], state=wire["state"],
                    version=meta["version"], time_created=meta["timeCreated"],
                    time_modified=meta["timeModified"],
                    cancel_requested=bool(wire.get("cancelRequested")), messages=messages,
-                   parts=(encode_json(wire),))
+                   parts=(encode_json(wire),), object_id=wire.get("objectId"),
+                   outcome=None if outcome is None else Outcome.from_wire(outcome),
+                   usage=None if usage is None else Usage.from_wire(usage), number=number)
 
     def json(self) -> bytes:
         """The task's JSON document (compact UTF-8, strict, on one line)."""

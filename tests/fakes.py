@@ -11,7 +11,7 @@ import copy
 import itertools
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
 from supervisor import (
@@ -22,15 +22,22 @@ from supervisor import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.sandbox import Sandbox
-from supervisor.wire import DROPPED, ChangeEvent, TaskSnapshot
+from supervisor.task import check_create
+from supervisor.wire import DROPPED, ChangeEvent, TaskSnapshot, utc_stamp
 
 Event = dict[str, Any]
 TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_stamp()
+
+
+#: the kind a terminal state set by hand gets unless the test names one
+_DEFAULT_KIND = {"SUCCEEDED": OutcomeKind.RETURNED, "FAILED": OutcomeKind.EXCEPTION,
+                 "CANCELED": OutcomeKind.CANCELED_HONOURED}
 
 
 def accept_anything(create: dict[str, Any]) -> None:
@@ -70,11 +77,13 @@ class FakeManager:
         self.log_followers: dict[str, dict[int, Callable[[dict[str, Any]], None]]] = {}
         self.log_totals_kept: dict[tuple[str, str], list[int]] = {}
         self._log_ended: set[str] = set()
+        self._killed: set[str] = set()  #: ids whose outcome was a forced kill
 
     # -- the Manager API the REST layer uses --------------------------------
 
     def run_task(self, create: dict[str, Any]) -> str:
         self._maybe_break("run_task")
+        check_create(create)  # NOTE: the manager's own check of the shape
         if self.terminated:
             raise ManagerTerminated("the manager is terminating")
         validate = self.validators.get(create["operation"])
@@ -142,7 +151,8 @@ class FakeManager:
                 return
             task["cancelRequested"] = True
             if task["state"] == "NEW":
-                self.set_state(task_id, "CANCELED")
+                self.set_state(task_id, "CANCELED", "canceled while queued",
+                               kind=OutcomeKind.CANCELED_QUEUED)
             else:
                 self._touch(task)
                 self._emit("PATCH", task)
@@ -226,6 +236,8 @@ class FakeManager:
                                     "SUCCEEDED"], 0)
             for task in self.tasks.values():
                 counts[task["state"]] += 1
+            counts["queued"] = counts["NEW"]  # NOTE: no task is being handed over here
+            counts["running"] = counts["ACTIVE"] + counts["WAITING"]
             counts["total"] = len(self.tasks)
             return counts
 
@@ -251,10 +263,20 @@ class FakeManager:
         """How many subscribers are registered."""
         return len(self._subscribers)
 
-    def set_state(self, task_id: str, state: str, message: str | None = None) -> None:
-        """Move a task to ``state`` (as its child would), publishing a PATCH."""
+    def set_state(self, task_id: str, state: str, message: str | None = None, *,
+                  kind: OutcomeKind | None = None, killed: bool = False) -> None:
+        """Move a task to ``state`` (as its child would), publishing a PATCH; a
+        terminal state gets an outcome of ``kind`` (``killed``: a forced kill)."""
         with self._lock:
             task = self.tasks[task_id]
+            if state in TERMINAL and task["state"] == "NEW":
+                self._log_ended.add(task_id)  # NOTE: as the manager: it never ran, wrote nothing
+            if state in TERMINAL and task["state"] not in TERMINAL:
+                outcome = Outcome(kind or _DEFAULT_KIND[state], message or "", killed=killed)
+                assert outcome.state.value == state, (outcome, state)
+                task["outcome"] = outcome.to_wire()
+                if killed:
+                    self._killed.add(task_id)
             if message:
                 task["messages"].append({"time": _now(), "message": message})
             task["messages"].append(
@@ -329,8 +351,12 @@ class FakeManager:
         scope: dict[str, Any] = {"operation": task["operation"], "state": task["state"]}
         if method == "POST":
             scope["meta.id"] = task_id
+        snapshot = TaskSnapshot.from_wire(task)
+        if task_id in self._killed and snapshot.outcome is not None:
+            # NOTE: not on the wire; the real manager's snapshots carry it for the metrics
+            snapshot.outcome = replace(snapshot.outcome, killed=True)
         change = ChangeEvent(method, "/tasks" if method == "POST" else f"/tasks/{task_id}",
-                             scope, TaskSnapshot.from_wire(task))
+                             scope, snapshot)
         for callback, raw in list(self._subscribers.values()):
             callback(change if raw else change.to_dict())
 

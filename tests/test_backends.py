@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import animators
+import outcome_animators
 import pytest
 from conftest import (
     EventLog,
@@ -23,6 +24,7 @@ from conftest import (
     wait_state,
     wait_terminal,
 )
+from test_outcomes import SIMPLE, check_simple
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +190,34 @@ def test_terminate_cancels_and_kills_every_tree(backend_manager: Any) -> None:
     assert m.get_task(stubborn)["state"] == "CANCELED"
     assert m.get_task(coop)["state"] == "CANCELED"
     wait_for(lambda: pids_gone(*pids), timeout=5)
+
+
+@pytest.mark.parametrize(("operation", "args", "kind", "exit_code", "sig", "error_type"),
+                         SIMPLE, ids=[row[2] + "-" + row[0] for row in SIMPLE])
+def test_outcome_kinds_and_usage(backend_manager: Any, operation: str, args: dict[str, Any],
+                                 kind: str, exit_code: int | None, sig: str | None,
+                                 error_type: str | None) -> None:
+    m = backend_manager()
+    outcome_animators.register(m)
+    task = wait_terminal(m, m.run_task({"operation": operation, "args": args}))
+    check_simple(task, kind, exit_code, sig, error_type)
+
+
+def test_a_cancel_the_moment_it_is_active_reaches_the_animator(backend_manager: Any) -> None:
+    """ACTIVE means its process runs: a cancel sent on that event is honoured."""
+    m = backend_manager()
+    m.register_animator("COOP", animators.Cooperative())
+    canceled: list[str] = []
+
+    def on_change(event: dict[str, Any]) -> None:
+        task = event["task"]
+        if task and task["state"] == "ACTIVE" and task["meta"]["id"] not in canceled:
+            canceled.append(task["meta"]["id"])
+            m.cancel_task(task["meta"]["id"])
+
+    m.subscribe(on_change)
+    ids = [m.run_task({"operation": "COOP"}) for _ in range(3)]
+    for task_id in ids:
+        task = wait_terminal(m, task_id)
+        assert task["outcome"]["kind"] == "canceled-honoured", task
+        assert message_texts(task)[0] == "State change NEW ⇒ ACTIVE", task

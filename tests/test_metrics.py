@@ -11,6 +11,8 @@ from fakes import FakeManager
 from prometheus_client.parser import text_string_to_metric_families
 from rest_support import LiveServer, SseClient, assert_error, bearer, make_client
 
+from supervisor.outcome import OutcomeKind
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -53,21 +55,19 @@ def test_counts_lifecycle_events_from_the_manager() -> None:
     for task_id in (ok, killed):
         fake.set_state(task_id, "ACTIVE")
     fake.set_state(ok, "SUCCEEDED")
-    fake.set_state(killed, "CANCELED", message="killed after cancel grace period")
+    fake.set_state(killed, "CANCELED", message="killed after cancel grace period",
+                   kind=OutcomeKind.CANCELED_KILLED, killed=True)
     fake.set_state(killed, "CANCELED")  # a repeated terminal event is not counted twice
     samples = scrape(client)
     assert value(samples, "housekeeping_tasks_created_total", operation="SLEEP") == 2
     assert value(samples, "housekeeping_tasks_created_total", operation="HASH") == 1
     assert value(samples, "housekeeping_tasks_finished_total",
-                 operation="SLEEP", outcome="SUCCEEDED") == 1
+                 operation="SLEEP", state="SUCCEEDED", kind="returned") == 1
     assert value(samples, "housekeeping_tasks_finished_total",
-                 operation="SLEEP", outcome="CANCELED") == 1
-    assert value(samples, "housekeeping_forced_kills_total", operation="SLEEP") == 1
+                 operation="SLEEP", state="CANCELED", kind="canceled-killed") == 1
+    assert value(samples, "housekeeping_forced_kills_total", operation="SLEEP",
+                 kind="canceled-killed") == 1
     assert value(samples, "housekeeping_task_start_latency_seconds_count", operation="SLEEP") == 2
-    assert value(samples, "housekeeping_task_run_seconds_count",
-                 operation="SLEEP", outcome="SUCCEEDED") == 1
-    assert value(samples, "housekeeping_task_run_seconds_bucket",
-                 operation="SLEEP", outcome="SUCCEEDED", le="+Inf") == 1
     assert value(samples, "housekeeping_tasks", state="NEW", operation="HASH") == 1
     assert value(samples, "housekeeping_tasks", state="SUCCEEDED", operation="SLEEP") == 1
     assert value(samples, "housekeeping_queue_depth") == 1  # FakeManager: NEW tasks
@@ -156,13 +156,13 @@ def test_live_server_exposes_valid_metrics(live: LiveServer) -> None:
     stream = SseClient(live.api("/api/v1/task-events"))
     try:
         samples = wait_for(lambda: (s := _scrape_live(live)) and value(
-            s, "housekeeping_tasks_finished_total", operation="SLEEP", outcome="SUCCEEDED"
-        ) >= 1 and s)
+            s, "housekeeping_tasks_finished_total", operation="SLEEP", state="SUCCEEDED",
+            kind="returned") >= 1 and s)
         assert value(samples, "housekeeping_tasks_created_total", operation="SLEEP") >= 1
         assert value(samples, "housekeeping_task_start_latency_seconds_count",
                      operation="SLEEP") >= 1
-        assert value(samples, "housekeeping_task_run_seconds_count",
-                     operation="SLEEP", outcome="SUCCEEDED") >= 1
+        assert value(samples, "housekeeping_task_wall_seconds_count", operation="SLEEP") >= 1
+        assert value(samples, "housekeeping_task_cpu_seconds_count", operation="SLEEP") >= 1
         assert value(samples, "housekeeping_sse_clients") == 1
         assert value(samples, "housekeeping_child_rss_bytes") > 0  # warm processes, starter
         assert value(samples, "housekeeping_running_children") == 0

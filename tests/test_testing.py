@@ -253,3 +253,25 @@ class AsyncHonours(Animator):
         if ops.is_canceled():
             ops.set_state(TaskState.CANCELED)
         return "not canceled"
+
+
+def test_run_records_the_outcome_kind_as_the_task_process_would() -> None:
+    import animators
+    import outcome_animators
+
+    from supervisor import OutcomeKind
+
+    cases = [(animators.Quick(), {}, TaskState.SUCCEEDED, OutcomeKind.RETURNED),
+             (outcome_animators.FailByAnimator(), {}, TaskState.FAILED,
+              OutcomeKind.FAILED_BY_ANIMATOR),
+             (animators.BadResult(), {"kind": "set"}, TaskState.FAILED, OutcomeKind.RESULT)]
+    for animator, args, state, kind in cases:
+        got, _, ops = run(animator, {"operation": "X", "args": args})
+        assert (got, ops.kind) == (state, kind), animator
+    state, _, ops = run(animators.Cooperative(), {"operation": "X"}, FakeTaskOps(cancel_after=2))
+    assert (state, ops.kind) == (TaskState.CANCELED, OutcomeKind.CANCELED_HONOURED)
+    ops = FakeTaskOps()
+    threading.Timer(0.05, ops.cancel).start()  # from another thread, as a test would
+    state, _, ops = run(animators.AsyncSleeper(), {"operation": "X"}, ops)
+    assert (state, ops.kind, ops.reason) == (
+        TaskState.CANCELED, OutcomeKind.CANCELED_HONOURED, "canceled at an await point")

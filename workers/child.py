@@ -9,9 +9,7 @@ it. It then blocks on its pipe until the parent hands it a :class:`Start`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -20,26 +18,16 @@ import pickle
 import resource
 import signal
 import sys
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-import uvloop  # imported here, in the starter, so that forks inherit it
-
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, host_pids, prctl
-from supervisor.protocol import (
-    MAX_JSON_DEPTH,
-    MAX_RESULT_BYTES,
-    Finished,
-    Ready,
-    Start,
-    decode,
-    encode,
-    json_depth,
-)
+from supervisor.outcome import OutcomeKind
+from supervisor.protocol import Finished, Ready, Start, decode, encode
 from supervisor.states import TaskState
 from workers.confine import confine
-from workers.ops import TaskEnded, TaskOps
+from workers.execution import execute, failure
+from workers.ops import TaskOps
 
 EXIT_OK = 0  # the final report was sent
 EXIT_NO_TASK = 0  # the parent closed the pipe before handing over a task
@@ -125,7 +113,8 @@ def run_task(start: Start, conn: Connection) -> int:
     try:
         final = _execute(start, ops)
     except Terminated as exc:
-        final = Finished(TaskState.FAILED.value, reason=str(exc), error_type="Terminated")
+        final = Finished(TaskState.FAILED.value, reason=str(exc), error_type="Terminated",
+                         kind=OutcomeKind.CRASH.value)
     _flush_output()  # NOTE: the process ends with os._exit, which flushes nothing
     ops.send_final(final)
     with contextlib.suppress(OSError):  # an animator may have closed it
@@ -148,88 +137,9 @@ def _prepare(start: Start) -> Any:
 
 
 def _execute(start: Start, ops: TaskOps) -> Finished:
-    """Run ``execute`` and turn whatever happens into the final report."""
+    """Prepare the process for ``start`` and run ``execute`` (see :mod:`workers.execution`)."""
     try:
         animator = _prepare(start)
-        if inspect.iscoroutinefunction(animator.execute):
-            result = _run_async(animator, ops)
-        else:
-            result = animator.execute(ops)
-    except TaskEnded as ended:
-        reason = None
-        if ended.state is TaskState.FAILED:
-            reason = "the animator set the state FAILED"
-        elif ended.state is TaskState.CANCELED:
-            reason = "the animator honoured the cancel"
-        return Finished(ended.state.value, reason=reason)
-    except _CanceledAtAwait:
-        return Finished(TaskState.CANCELED.value, reason="canceled at an await point")
-    except Terminated:
-        raise
-    except BaseException as exc:  # every failure becomes a report, SystemExit too
-        return Finished(
-            TaskState.FAILED.value,
-            reason=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            error_type=type(exc).__name__,
-        )
-    return _encode_result(result)
-
-
-def _encode_result(result: Any) -> Finished:
-    """Check that the result is JSON of at most 1 MiB; else the task FAILED."""
-    try:
-        text = json.dumps(result, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        return Finished(
-            TaskState.FAILED.value,
-            reason=f"result is not JSON-serializable: {type(exc).__name__}: {exc}",
-            error_type="ResultError",
-        )
-    if len(text) > MAX_RESULT_BYTES:
-        return Finished(
-            TaskState.FAILED.value,
-            reason=f"result too large: {len(text)} bytes of JSON (limit {MAX_RESULT_BYTES})",
-            error_type="ResultError",
-        )
-    # NOTE: the parent refuses deeper results as a protocol error; say it here first.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(result) > MAX_JSON_DEPTH:
-        return Finished(
-            TaskState.FAILED.value,
-            reason=f"result nested more than {MAX_JSON_DEPTH} levels deep",
-            error_type="ResultError",
-        )
-    return Finished(TaskState.SUCCEEDED.value, result_json=text)
-
-
-class _CanceledAtAwait(Exception):
-    """The asyncio task of ``execute`` was canceled because the task was."""
-
-
-def _run_async(animator: Any, ops: TaskOps) -> Any:
-    """Run an ``async def execute`` on uvloop; a cancel cancels its asyncio task."""
-    async def main() -> Any:
-        loop = asyncio.get_running_loop()
-        inner = asyncio.ensure_future(animator.execute(ops))
-        ops.set_cancel_hook(inner.cancel)
-        fileno = ops.pipe_fileno()
-
-        def on_readable() -> None:
-            ops.receive()
-            if ops.parent_gone:
-                loop.remove_reader(fileno)
-
-        loop.add_reader(fileno, on_readable)
-        try:
-            return await inner
-        except asyncio.CancelledError:
-            if ops.is_canceled():
-                raise _CanceledAtAwait() from None
-            raise
-        finally:
-            loop.remove_reader(fileno)
-            ops.set_cancel_hook(None)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
-
+    except BaseException as exc:  # NOTE: an animator that cannot even load failed
+        return failure(exc)
+    return execute(animator, ops, passing=(Terminated,))

@@ -78,7 +78,8 @@ def run_init(ctl: socket.socket, private_network: bool) -> int:
             _close(fds)
             ctl.send(encode(SpawnFailed(request.token, f"{type(exc).__name__}: {exc}")))
             continue
-        ctl.send(encode(Exited(0, _run_one(task, fds, ctl, current), request.token)))
+        code, usage = _run_one(task, fds, ctl, current)
+        ctl.send(encode(Exited(0, code, request.token, usage)))
 
 
 def _close(fds: list[int]) -> None:
@@ -86,9 +87,15 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _run_one(task: int, fds: list[int], ctl: socket.socket, current: list[int]) -> int:
+def _run_one(task: int, fds: list[int], ctl: socket.socket, current: list[int],
+             ) -> tuple[int, tuple[float, float, int]]:
     """Run the warm task process just forked on ``fds`` (its pipe, its stdout and
-    stderr; ``task`` is 0 in it); empty the namespace after it; return its exit code."""
+    stderr; ``task`` is 0 in it); empty the namespace after it.
+
+    Returns:
+        Its exit code, and the usage of every process reaped here meanwhile
+        (the task and the descendants it left: CPU summed, peak RSS the largest).
+    """
     if task == 0:
         code = 70
         try:
@@ -100,11 +107,16 @@ def _run_one(task: int, fds: list[int], ctl: socket.socket, current: list[int]) 
     _close(fds)
     current.append(task)
     status: int | None = None
+    user = system = 0.0
+    peak = 0
     while True:
         try:
-            pid, wait_status = os.waitpid(-1, 0)
+            pid, wait_status, rusage = os.wait4(-1, 0)
         except ChildProcessError:
             break  # the namespace is empty but for this init
+        user += rusage.ru_utime
+        system += rusage.ru_stime
+        peak = max(peak, rusage.ru_maxrss * 1024)  # NOTE: Linux counts KiB
         if pid == task:
             status = wait_status
             current.clear()
@@ -116,4 +128,4 @@ def _run_one(task: int, fds: list[int], ctl: socket.socket, current: list[int]) 
             except ProcessLookupError:
                 pass
     assert status is not None
-    return os.waitstatus_to_exitcode(status)
+    return os.waitstatus_to_exitcode(status), (user, system, peak)

@@ -227,22 +227,22 @@ class Starter:
         if isinstance(message, SpawnFailed):
             self.send(SpawnFailed(message.token, message.error[:300]))
         else:
-            self.send(Exited(pid, message.exitcode, message.token))
+            self.send(Exited(pid, message.exitcode, message.token, message.usage))
 
-    def _unread_exit(self, known: _Known, code: int) -> int:
-        """The exit code in an init's ``Exited`` still unread on its socket, else ``code``."""
+    def _unread_exit(self, known: _Known) -> Exited | None:
+        """The init's ``Exited`` still unread on its socket, if any."""
         assert known.init is not None
         for _ in range(8):  # NOTE: bounded; an init sends one report per task
             try:
                 data = known.init.recv(1 << 12)
                 message = decode(data) if data else None
             except (OSError, ProtocolError):
-                return code
+                return None
             if message is None:
-                return code
+                return None
             if isinstance(message, Exited) and message.token == known.token:
-                return message.exitcode
-        return code
+                return message
+        return None
 
     def retire_inits(self) -> None:
         """After a Preload: idle inits exit now, busy ones after their task (they would
@@ -268,21 +268,26 @@ class Starter:
         reaped_known = False
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
             known = self.known.pop(pid, None)
             if known is not None:
-                code = _exitcode(status)
+                # NOTE: the task process and what it reaped, or an init and
+                # everything it reaped (the task's whole namespace)
+                exited = Exited(pid, _exitcode(status), known.token,
+                                (rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss * 1024))
                 if known.init is not None and known.token:
                     # NOTE: an init that reported, then died (killed as overdue,
                     # say): its report has the task process's own exit code.
-                    code = self._unread_exit(known, code)
+                    reported = self._unread_exit(known)
+                    if reported is not None:
+                        exited = Exited(pid, reported.exitcode, known.token, reported.usage)
                 self._forget_init(known)
                 if known.token:  # NOTE: an idle init has no task to report
-                    self.exits.append(Exited(pid, code, known.token))
+                    self.exits.append(exited)
                 reaped_known = True
         if reaped_known:
             self.kill_orphans()

@@ -14,32 +14,32 @@ and can simulate a cancel::
     state, _, ops = run(MyAnimator(), {"operation": "MY"}, FakeTaskOps(cancel_after=2))
     assert state is TaskState.CANCELED
 
-:func:`run` follows the real task process: ``validate`` first, then
-``execute`` (``async def`` on uvloop, where a cancel cancels the coroutine),
-then the result's JSON check. Unlike the real one, it lets an exception from
-the animator propagate, so that the test shows its traceback.
+:func:`run` runs the task process's own execution code
+(:mod:`workers.execution`): ``validate`` first, then ``execute`` (``async
+def`` on uvloop, where a cancel cancels the coroutine), then the result's
+JSON check, with the same states, reasons and outcome kinds
+(``ops.kind``). Unlike the real one, it lets an exception from the animator
+propagate, so that the test shows its traceback.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import itertools
 import json
 import pickle
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from supervisor.animator import Animator
-from supervisor.protocol import MAX_RESULT_BYTES, check_progress
+from supervisor.outcome import OutcomeKind
+from supervisor.protocol import check_progress
 from supervisor.states import TaskState, is_terminal
+from supervisor.wire import create_fields, utc_stamp
+from workers.execution import execute
 from workers.ops import TaskEnded, TaskOps
 
 _ids = itertools.count(1)
-_CREATE_FIELDS = ("operation", "objectId", "serviceStates", "args")
 
 
 def make_task(create: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +54,7 @@ def make_task(create: dict[str, Any]) -> dict[str, Any]:
     Returns:
         A new task dict with a unique ``meta.id`` (``FAKE000001``, ...).
     """
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = utc_stamp()
     task: dict[str, Any] = {
         "meta": {
             "id": f"FAKE{next(_ids):06d}",
@@ -64,7 +64,7 @@ def make_task(create: dict[str, Any]) -> dict[str, Any]:
             "timeModified": now,
         },
     }
-    task.update({k: create[k] for k in _CREATE_FIELDS if k in create})
+    task.update(create_fields(create))
     task.update({"state": TaskState.ACTIVE.value, "cancelRequested": False,
                  "messages": [], "result": None})
     return task
@@ -89,6 +89,7 @@ class FakeTaskOps(TaskOps):
         calls: all of the above in call order, as ``(method name, value)``.
         is_canceled_calls: how many times ``is_canceled`` was called.
         reason: why :func:`run` recorded a non-SUCCEEDED outcome, else ``None``.
+        kind: the outcome kind :func:`run` recorded (``OutcomeKind.RETURNED``, ...).
     """
 
     def __init__(self, task: dict[str, Any] | None = None, *,
@@ -112,6 +113,7 @@ class FakeTaskOps(TaskOps):
         self.calls: list[tuple[str, Any]] = []
         self.is_canceled_calls = 0
         self.reason: str | None = None
+        self.kind: OutcomeKind | None = None
         self._cancel_after = cancel_after
         self._canceled = False
         self._hook: Callable[[], None] | None = None
@@ -260,66 +262,13 @@ def run(
     pickle.dumps(animator)
     task = create_or_task if "meta" in create_or_task else make_task(create_or_task)
     if validate:
-        animator.validate({k: task[k] for k in _CREATE_FIELDS if k in task})
+        animator.validate(create_fields(task))
     ops = ops if ops is not None else FakeTaskOps()
     ops.task = task
-    try:
-        if inspect.iscoroutinefunction(animator.execute):
-            result = _run_async(animator, ops)
-        else:
-            result = animator.execute(ops)
-    except TaskEnded as ended:
-        reason = {TaskState.FAILED: "the animator set the state FAILED",
-                  TaskState.CANCELED: "the animator honoured the cancel"}.get(ended.state)
-        return _outcome(ops, ended.state, None, reason)
-    except _CanceledAtAwait:
-        return _outcome(ops, TaskState.CANCELED, None, "canceled at an await point")
-    try:
-        text = json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        reason = f"result is not JSON-serializable: {type(exc).__name__}: {exc}"
-        return _outcome(ops, TaskState.FAILED, None, reason)
-    if len(text) > MAX_RESULT_BYTES:
-        reason = f"result too large: {len(text)} bytes of JSON (limit {MAX_RESULT_BYTES})"
-        return _outcome(ops, TaskState.FAILED, None, reason)
-    return _outcome(ops, TaskState.SUCCEEDED, json.loads(text), None)
-
-
-def _outcome(ops: FakeTaskOps, state: TaskState, result: Any,
-             reason: str | None) -> tuple[TaskState, Any, FakeTaskOps]:
-    """Record the terminal state on ``ops`` and build run()'s answer."""
-    ops.state = state
-    ops.reason = reason
-    return state, result, ops
-
-
-class _CanceledAtAwait(Exception):
-    """The coroutine of ``execute`` was canceled because the task was."""
-
-
-def _run_async(animator: Animator, ops: FakeTaskOps) -> Any:
-    """Run an ``async def execute`` on uvloop; a cancel cancels its asyncio task."""
-    import uvloop
-
-    async def main() -> Any:
-        loop = asyncio.get_running_loop()
-        inner = asyncio.ensure_future(animator.execute(ops))
-
-        def cancel_inner() -> None:
-            # NOTE: cancel() may come from another thread of the test, even
-            # while this loop is closing.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(inner.cancel)
-
-        ops.set_cancel_hook(cancel_inner)
-        try:
-            return await inner
-        except asyncio.CancelledError:
-            if ops.canceled:
-                raise _CanceledAtAwait() from None
-            raise
-        finally:
-            ops.set_cancel_hook(None)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
+    # NOTE: the task process's own code: the same states, reasons, kinds and checks
+    final = execute(animator, ops, passing=(Exception,))
+    ops.state = TaskState(final.state)
+    ops.reason = final.reason
+    ops.kind = OutcomeKind(final.kind) if final.kind is not None else None
+    result = json.loads(final.result_json) if final.result_json is not None else None
+    return ops.state, result, ops

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
 import logging
 import threading
 import time
@@ -46,8 +45,10 @@ import dask.system
 import distributed
 import distributed.worker_memory
 
-from supervisor.backend import Backend, Host, Launch, Outcome, Registration
+from supervisor.backend import Backend, Host, Launch, Registration
 from supervisor.backends.dask.worker import run_task_on_worker
+from supervisor.consts import CONSTS
+from supervisor.outcome import Ending, Outcome, OutcomeKind, Usage
 from supervisor.protocol import (
     Note,
     Progress,
@@ -57,26 +58,12 @@ from supervisor.protocol import (
 )
 from supervisor.states import TaskState
 from supervisor.tasklog import STREAMS
+from supervisor.wire import PROGRESS_NAMES, parse_stamp
 
 log = logging.getLogger("housekeeping.dask")
 
-_PROGRESS_NAMES = {
-    "percentComplete": "percent_complete",
-    "totalBytes": "total_bytes",
-    "offsetBytes": "offset_bytes",
-    "transferredBytes": "transferred_bytes",
-}
-_STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
-#: Seconds the outcome of a task waits for reports its worker sent before it.
-REPORTS_WAIT = 2.0
 #: Log lines taken from one report (the worker sends at most LOG_BATCH_LINES).
 _MAX_LOG_BATCH = 10_000
-#: Seconds ``terminate()`` waits, beyond ``cancel_grace``, for the workers to
-#: report the end of the tasks it canceled (kill and report take well under 1 s).
-SHUTDOWN_SLACK = 5.0
-#: Seconds each step of closing may take: queued calls to the scheduler, the
-#: client, an owned LocalCluster (together they stay within terminate()'s budget).
-CLOSE_STEP_TIMEOUT = 3.0
 #: Tasks that ended here without their worker side's word whose cancel Event is
 #: still to be set (the scheduler is unreachable); beyond it the oldest are dropped.
 MAX_ORPHANS = 10_000
@@ -98,7 +85,7 @@ class _Remote:
     worker: str | None = None
     lost_worker: str | None = None  #: a worker that died running it (rerun allowed)
     received: int = 0  #: reports received so far
-    outcome: Outcome | None = None  #: known, waiting for reports still in flight
+    ending: Ending | None = None  #: known, waiting for reports still in flight
     expected: int = 0  #: reports the worker side sent in all
     canceled: bool = False
     rerun: bool = False  #: Dask may run it again if its worker dies (the animator opted in)
@@ -243,6 +230,10 @@ class DaskBackend(Backend):
     Raises:
         OSError: the scheduler cannot be reached.
     """
+
+    #: NOTE: a task handed to Dask waits in its queue, then on a worker: it is
+    #: NEW until its task process runs there (its first report says so).
+    starts_running = False
 
     def __init__(
         self,
@@ -396,6 +387,17 @@ class DaskBackend(Backend):
             # Dask's queue; if it did just start, the Event stops it there.
             self._call(remote.future.cancel)
 
+    def kill(self, task_id: str, reason: str) -> None:
+        """Tell the worker side to end the task (as :meth:`cancel`).
+
+        NOTE: the worker side has one channel for this (the cancel Event): it
+        kills the tree after this supervisor's cancel grace, or at once when
+        this supervisor's lease expires. The outcome is the worker's.
+        """
+        log.info("task %s: kill asked (%s); the Dask worker ends it as a cancel",
+                 task_id, reason)
+        self.cancel(task_id)
+
     async def shutdown(self) -> None:
         """Cancel every remote task, wait for the workers to end them; stop."""
         try:
@@ -404,16 +406,17 @@ class DaskBackend(Backend):
             if self._tasks:
                 try:
                     await asyncio.wait_for(
-                        self._idle.wait(), self.host.cancel_grace + SHUTDOWN_SLACK
+                        self._idle.wait(), self.host.cancel_grace + CONSTS.dask_shutdown_slack
                     )
                 except TimeoutError:
                     pass
             for task_id, remote in list(self._tasks.items()):
                 # NOTE: unconfirmed (say, the worker is unreachable): the
                 # worker side kills the tree once the lease expires.
-                remote.outcome = Outcome(TaskState.CANCELED, (
+                remote.ending = Ending(Outcome(
+                    OutcomeKind.CANCELED_TERMINATE,
                     f"the manager is terminating; the Dask worker did not confirm the end, "
-                    f"its tree is killed when the lease expires ({self.lease_timeout:g} s)",))
+                    f"its tree is killed when the lease expires ({self.lease_timeout:g} s)"))
                 self._finish(task_id)
         finally:
             await asyncio.get_running_loop().run_in_executor(None, self._close)
@@ -450,7 +453,7 @@ class DaskBackend(Backend):
             error = self.host.task_message(task_id, report)
             if error is not None:
                 log.error("task %s: bad report from the Dask worker: %s", task_id, error)
-        if remote.outcome is not None and remote.received >= remote.expected:
+        if remote.ending is not None and remote.received >= remote.expected:
             self._finish(task_id)
 
     def _take_log(self, task_id: str, lines: Any) -> None:
@@ -473,11 +476,9 @@ class DaskBackend(Backend):
     def _log_run(self, task_id: str, key: tuple[str, str] | None, texts: list[str]) -> None:
         if key is None or not texts:
             return
-        try:
-            when = datetime.datetime.fromisoformat(key[1]).timestamp()
-        except ValueError:
-            when = time.time()
-        self.host.task_output_lines(task_id, key[0], texts, when)
+        when = parse_stamp(key[1])
+        self.host.task_output_lines(task_id, key[0], texts,
+                                    time.time() if when is None else when)
 
     def _on_done(self, task_id: str, future: Any) -> None:
         """The Dask future is done (on Dask's callback thread): fetch the outcome."""
@@ -496,7 +497,7 @@ class DaskBackend(Backend):
                     canceled: str | None) -> None:
         """Classify the end of a task's future (``canceled``: why Dask canceled it)."""
         remote = self._tasks.get(task_id)
-        if remote is None or remote.outcome is not None:
+        if remote is None or remote.ending is not None:
             return
         if canceled == _CONNECTION_LOST:
             # NOTE: the client cancels every future when it loses the scheduler.
@@ -504,49 +505,47 @@ class DaskBackend(Backend):
                                   f"(the connection was lost)")
             return
         if canceled is not None and remote.canceled:
-            remote.outcome = Outcome(TaskState.CANCELED, (
-                "canceled before any report from a Dask worker",))
+            remote.ending = Ending(Outcome(
+                OutcomeKind.CANCELED_QUEUED, "canceled before it started on a Dask worker"))
         elif canceled is not None:
             why = "" if canceled in ("", "unknown") else f" ({canceled})"
-            remote.outcome = Outcome(TaskState.FAILED, (
-                f"the Dask cluster canceled the task{why}",))
+            remote.ending = Ending(Outcome(
+                OutcomeKind.LOST, f"the Dask cluster canceled the task{why}"))
         elif error is not None or not isinstance(payload, dict):
-            remote.outcome = self._failure(remote, error)
+            remote.ending = Ending(self._failure(remote, error))
         elif payload.get("retry"):
-            remote.outcome = self._worker_lost(remote)
+            remote.ending = Ending(self._worker_lost(remote))
         else:
             remote.worker = payload.get("worker") or remote.worker
             remote.confirmed = True
-            remote.outcome = _checked(Outcome(
-                TaskState(payload["state"]), tuple(payload.get("notes", ())),
-                payload.get("result_json"),
-            ))
+            remote.ending = _ending(payload)
         remote.expected = int(payload.get("sent", 0)) if isinstance(payload, dict) else 0
         if remote.received >= remote.expected:
             self._finish(task_id)
         else:
             # NOTE: reports travel on another channel; wait for them, not forever.
             assert self._loop is not None
-            remote.timer = self._loop.call_later(REPORTS_WAIT, self._reports_late, task_id)
+            remote.timer = self._loop.call_later(CONSTS.dask_reports_wait, self._reports_late,
+                                                 task_id)
 
     def _reports_late(self, task_id: str) -> None:
         remote = self._tasks.get(task_id)
         if remote is not None:
             log.warning("task %s: %d of %d reports arrived within %g s; recording its "
                         "outcome without the rest", task_id, remote.received, remote.expected,
-                        REPORTS_WAIT)
+                        CONSTS.dask_reports_wait)
             self._finish(task_id)
 
     def _failure(self, remote: _Remote, error: BaseException | None) -> Outcome:
-        if type(error).__name__ == "KilledWorker":
+        if isinstance(error, distributed.KilledWorker):
             return self._worker_lost(remote)
         where = f" on Dask worker {remote.worker}" if remote.worker else ""
-        return Outcome(TaskState.FAILED, (f"the Dask task failed{where}: {error!r}",))
+        return Outcome(OutcomeKind.LOST, f"the Dask task failed{where}: {error!r}"[:4096])
 
     def _worker_lost(self, remote: _Remote) -> Outcome:
         worker = remote.worker or remote.lost_worker or "(unknown)"
-        return Outcome(TaskState.FAILED, (
-            f"the Dask worker {worker} running the task died or was removed",))
+        return Outcome(OutcomeKind.LOST,
+                       f"the Dask worker {worker} running the task died or was removed")
 
     def _finish(self, task_id: str) -> None:
         remote = self._tasks.pop(task_id, None)
@@ -556,7 +555,7 @@ class DaskBackend(Backend):
             remote.timer.cancel()
         if not self._tasks:
             self._idle.set()
-        outcome = remote.outcome or Outcome(TaskState.FAILED, ("no outcome from the cluster",))
+        ending = remote.ending or Ending(Outcome(OutcomeKind.LOST, "no outcome from the cluster"))
         if remote.confirmed:
             # the worker side is done with the task: its Events can go
             names = remote.names
@@ -568,7 +567,7 @@ class DaskBackend(Backend):
             if remote.future is not None and not remote.future.done():
                 self._call(remote.future.cancel)
             self._orphans.add(remote.names)
-        self.host.task_finished(task_id, outcome)
+        self.host.task_finished(task_id, ending)
         self.host.task_output_closed(task_id)  # NOTE: its lines came before its outcome
 
     def _set_unavailable(self, reason: str | None) -> None:
@@ -586,7 +585,7 @@ class DaskBackend(Backend):
         else:
             log.error("%s; failing %d running tasks", reason, len(self._tasks))
             for task_id, remote in list(self._tasks.items()):
-                remote.outcome = remote.outcome or Outcome(TaskState.FAILED, (reason,))
+                remote.ending = remote.ending or Ending(Outcome(OutcomeKind.LOST, reason))
                 self._finish(task_id)
         self.host.backend_changed()
 
@@ -594,7 +593,7 @@ class DaskBackend(Backend):
         """Fail the tasks whose worker left the cluster (as of ``asked``)."""
         for task_id, remote in list(self._tasks.items()):
             if remote.worker is not None and remote.worker not in workers \
-                    and remote.outcome is None and remote.worker_since < asked:
+                    and remote.ending is None and remote.worker_since < asked:
                 if remote.rerun:
                     self.host.task_message(task_id, Note(
                         f"the Dask worker {remote.worker} running the task died or was "
@@ -602,7 +601,7 @@ class DaskBackend(Backend):
                     remote.lost_worker, remote.worker = remote.worker, None
                     remote.received = 0  # the next run counts its own reports
                     continue
-                remote.outcome = self._worker_lost(remote)
+                remote.ending = Ending(self._worker_lost(remote))
                 self._finish(task_id)
 
     def _call(self, call: Callable[[], Any]) -> None:
@@ -714,7 +713,7 @@ class DaskBackend(Backend):
             # NOTE: let the queued calls to the scheduler finish, for a while: with
             # the scheduler gone each would wait for a connection.
             try:
-                self._calls.submit(lambda: None).result(timeout=CLOSE_STEP_TIMEOUT)
+                self._calls.submit(lambda: None).result(timeout=CONSTS.dask_close_step_timeout)
             except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError,
                     RuntimeError):
                 log.warning("closing: calls to the Dask scheduler still pending; dropped")
@@ -728,12 +727,12 @@ class DaskBackend(Backend):
             except Exception:
                 pass
             try:
-                client.close(timeout=CLOSE_STEP_TIMEOUT)
+                client.close(timeout=CONSTS.dask_close_step_timeout)
             except Exception as exc:
                 log.debug("closing the Dask client: %s", exc)
             if self._owns_cluster and self._cluster is not None:
                 try:
-                    self._cluster.close(timeout=CLOSE_STEP_TIMEOUT * 2)
+                    self._cluster.close(timeout=CONSTS.dask_close_step_timeout * 2)
                 except Exception as exc:
                     log.warning("closing the local Dask cluster: %s", exc)
 
@@ -747,23 +746,25 @@ def _cancel_reason(error: BaseException | None) -> str | None:
 
 def _progress(wire: Any) -> Progress:
     """The progress of a wire task as a report (wire names back to keywords)."""
-    values = {_PROGRESS_NAMES[name]: value for name, value in dict(wire).items()
-              if name in _PROGRESS_NAMES}
-    stamp = wire.get("timestamp")
-    try:
-        moment = datetime.datetime.strptime(stamp, _STAMP).replace(tzinfo=datetime.UTC)
-        timestamp = moment.timestamp()
-    except (TypeError, ValueError):
-        timestamp = 0.0
-    return Progress(values, timestamp)
+    values = {PROGRESS_NAMES[name]: value for name, value in dict(wire).items()
+              if name in PROGRESS_NAMES}
+    return Progress(values, parse_stamp(wire.get("timestamp")) or 0.0)
 
 
-def _checked(outcome: Outcome) -> Outcome:
-    """The outcome with its result checked as strictly as a local task's (the host
-    trusts a backend's ``result_json``)."""
-    if outcome.result_json is None or outcome.state is not TaskState.SUCCEEDED:
-        return outcome
+def _ending(payload: dict[str, Any]) -> Ending:
+    """The worker side's account of a task's end, checked as strictly as a local
+    task's report (the host trusts what a backend hands it)."""
     try:
-        return Outcome(outcome.state, outcome.notes, check_result_json(outcome.result_json))
-    except ProtocolError as exc:
-        return Outcome(TaskState.FAILED, (f"protocol error: {exc}",))
+        outcome = Outcome.from_wire(payload["outcome"])
+        wire_usage = payload.get("usage")
+        usage = None if wire_usage is None else Usage.from_wire(wire_usage)
+        notes = tuple(str(text)[:4096] for text in payload.get("notes") or ())[:16]
+        result = payload.get("result_json")
+        if outcome.state is TaskState.SUCCEEDED and result is not None:
+            result = check_result_json(result)
+        else:
+            result = None
+    except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+        return Ending(Outcome(OutcomeKind.PROTOCOL,
+                              f"protocol error: a bad outcome from the Dask worker: {exc}"[:300]))
+    return Ending(outcome, result, usage, notes)

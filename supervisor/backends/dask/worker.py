@@ -18,7 +18,7 @@ kept by the thread that waits for its cancel.
     Variable(lease).set(n) ───▶ lease ◀── get ─────────── a thread per lease (lost → kill)
     subscribe_topic ◀───────── log_event ◀────────────── forwarder ◀── local events
                                                            (and log lines, batched)
-    future.result() ◀───────── outcome ◀──────────────── return {"state", ...}
+    future.result() ◀───────── outcome ◀──────────────── return {"outcome", "usage", ...}
 
 Reports are the local task's change events, already coalesced by the child
 (one per ``progress_interval``), turned into progress / state / note messages
@@ -39,28 +39,21 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from supervisor.backends.local import LocalBackend
+from supervisor.consts import CONSTS
 from supervisor.errors import TaskNotFound
 from supervisor.manager import Manager
+from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.sandbox import Sandbox
 from supervisor.states import TaskState, is_terminal
 
 log = logging.getLogger("housekeeping.remote")
 
-#: Longest wait on a task's cancel Event (it returns at once when the Event is
-#: set); bounds how long the waiting thread outlives its task.
-CANCEL_POLL = 0.25
-#: How often a worker process reads a supervisor's lease.
-LEASE_POLL = 1.0
 #: Worker states in which its tasks are killed at once (it left the cluster).
 _WORKER_GONE = frozenset({"closing", "closed", "failed"})
-#: Log lines are sent in batches of at most this much text, this many lines, and
-#: at most this long after a batch's first line.
+#: Log lines are sent in batches of at most this much text and this many lines
+#: (and at most ``CONSTS.dask_log_batch_delay`` after a batch's first line).
 LOG_BATCH_BYTES = 64 * 1024
 LOG_BATCH_LINES = 1000
-LOG_BATCH_DELAY = 0.1
-#: How long a task's outcome waits on the worker for the end of its log.
-LOG_END_WAIT = 5.0
 #: Tasks one worker process's Manager runs at once; Dask's threads are the real bound.
 _LOCAL_SLOTS = 256
 #: The worker process's Manager's own cancel grace: a ceiling. A canceled task is
@@ -98,8 +91,7 @@ class _Forwarder:
         """End without the task's last events (they were dropped on this worker)."""
         with self._lock:
             if not self.done.is_set():
-                self.final = {"state": TaskState.FAILED.value, "notes": [reason],
-                              "result_json": None}
+                self.final = _ended(Outcome(OutcomeKind.LOST, reason))
                 self.done.set()
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -116,16 +108,22 @@ class _Forwarder:
         notes = _new_messages(self._messages, wire["messages"])
         self._messages = wire["messages"]
         state = wire["state"]
+        texts = [note["message"] for note in notes]
+        # NOTE: lines the supervisor's own records write again, on its side: the
+        # transition's line and the outcome's message (each exactly as written here)
+        written_again: set[object] = set()
         changed = state != self._state
         if changed:
-            # NOTE: the last new line is "State change A ⇒ B"; the supervisor's
-            # own transition writes it again, so it is not forwarded.
-            notes = notes[:-1]
+            written_again.add(f"State change {self._state} ⇒ {state}")
             self._state = state
-        texts = [note["message"] for note in notes]
+        outcome = wire.get("outcome")
+        if is_terminal(state) and isinstance(outcome, dict):
+            written_again.add(outcome.get("message"))
+        texts = [text for text in texts if text not in written_again]
         if is_terminal(state):
             result = json.dumps(wire["result"]) if state == TaskState.SUCCEEDED.value else None
-            self.final = {"state": state, "notes": texts, "result_json": result}
+            self.final = {"outcome": outcome, "usage": wire.get("usage"), "notes": texts,
+                          "result_json": result}
             self.done.set()
             return
         message: dict[str, Any] = {}
@@ -145,7 +143,7 @@ class _LogBatcher:
     """Sends one local task's log lines to the supervisor in batches, in order.
 
     A batch goes when it holds ``LOG_BATCH_BYTES`` of text or ``LOG_BATCH_LINES``
-    lines, ``LOG_BATCH_DELAY`` after its first line, and at the end of the log.
+    lines, ``CONSTS.dask_log_batch_delay`` after its first line, and at the end of the log.
     """
 
     def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
@@ -167,7 +165,7 @@ class _LogBatcher:
             self._bytes += len(line["text"])
             full = self._bytes >= LOG_BATCH_BYTES or len(self._batch) >= LOG_BATCH_LINES
             if not full and self._timer is None:
-                self._timer = threading.Timer(LOG_BATCH_DELAY, self.flush)
+                self._timer = threading.Timer(CONSTS.dask_log_batch_delay, self.flush)
                 self._timer.daemon = True
                 self._timer.start()
         if full:
@@ -182,6 +180,11 @@ class _LogBatcher:
             # NOTE: sent under the lock, so that batches keep their order
             if batch:
                 self._send({"log": batch})
+
+
+def _ended(outcome: Outcome) -> dict[str, Any]:
+    """The final payload of a task that ended here without running."""
+    return {"outcome": outcome.to_wire(), "usage": None, "notes": [], "result_json": None}
 
 
 def _new_messages(
@@ -230,11 +233,8 @@ class _Local:
     """
 
     def __init__(self) -> None:
-        self.backend = LocalBackend()
-        self.manager = Manager(
-            purge_delay=0, max_workers=_LOCAL_SLOTS, cancel_grace=GRACE_CEILING,
-            backend=self.backend,
-        )
+        self.manager = Manager(purge_delay=0, max_workers=_LOCAL_SLOTS,
+                               cancel_grace=GRACE_CEILING)
         self.lock = threading.Lock()  #: guards the routes; never held over user code
         self._creating = threading.Lock()  #: one registration + creation at a time
         self._forwarders: dict[str, _Forwarder] = {}
@@ -256,7 +256,9 @@ class _Local:
         with self.lock:
             for local_id in self._forwarders:
                 try:
-                    self.backend.kill_task(local_id, "killed: the Dask worker is closing")
+                    self.manager.kill_task(local_id, "killed: the Dask worker is closing")
+                except TaskNotFound:
+                    pass
                 except RuntimeError:  # the loop is closed: terminated already
                     break
         self.manager.terminate()
@@ -312,8 +314,8 @@ class _Local:
                     spec["operation"], animator, spec["timeout"], spec["max_memory"],
                     sandbox=Sandbox(**spec["sandbox"]),
                 )
-                created = self.manager._create_task(spec["create"], local_id,
-                                                    log_callback=forwarder.log.on_line)
+                created = self.manager.run_task_as(local_id, spec["create"],
+                                                   follow_log=forwarder.log.on_line)
             except BaseException:
                 self.forget(local_id, forwarder)
                 raise
@@ -341,10 +343,9 @@ class _Local:
         with self.lock:
             if self._forwarders.get(local_id) is forwarder:
                 try:
-                    self.manager.cancel_task(local_id)  # at once if still queued
+                    self.manager.kill_task(local_id, reason)  # canceled if still queued
                 except TaskNotFound:
                     pass
-                self.backend.kill_task(local_id, reason)
 
     def forget(self, local_id: str, forwarder: _Forwarder) -> None:
         with self.lock:
@@ -388,9 +389,8 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # NOTE: canceled while it waited in Dask's queue (or ended by a supervisor
     # that gave up on it): a run that starts now must not run the animator.
     if distributed.Event(spec["cancel"], client=client).is_set():
-        return {"worker": worker.address, "state": TaskState.CANCELED.value,
-                "notes": ["canceled before it started on a Dask worker"],
-                "result_json": None, "sent": 0}
+        return {"worker": worker.address, "sent": 0, **_ended(Outcome(
+            OutcomeKind.CANCELED_QUEUED, "canceled before it started on a Dask worker"))}
 
     def send(message: dict[str, Any]) -> None:
         worker.log_event(spec["topic"], message)
@@ -405,12 +405,11 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
         local_id = local.create(spec, animator, forwarder)
     except Exception as exc:
         reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
-        return {**outcome, "state": TaskState.FAILED.value, "notes": [reason],
-                "result_json": None, "sent": forwarder.sent}
+        return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": forwarder.sent}
     try:
         _watch(spec, worker, client, local, local_id, forwarder)
         # NOTE: its last lines go before the outcome, so that they are counted in "sent"
-        forwarder.log.ended.wait(LOG_END_WAIT)
+        forwarder.log.ended.wait(CONSTS.dask_log_end_wait)
         forwarder.log.flush()
     finally:
         local.forget(local_id, forwarder)
@@ -422,7 +421,7 @@ class _Lease:
     """One supervisor's lease as this worker process sees it: when it last moved.
 
     One thread per lease (not per task) reads the supervisor's Variable every
-    ``LEASE_POLL`` seconds while tasks of that supervisor run here.
+    ``CONSTS.dask_lease_poll`` seconds while tasks of that supervisor run here.
     """
 
     def __init__(self, name: str, client: Any) -> None:
@@ -443,13 +442,13 @@ class _Lease:
                     _leases.pop(self.name, None)
                     return
             try:
-                value = self._variable.get(timeout=LEASE_POLL)
+                value = self._variable.get(timeout=CONSTS.dask_lease_poll)
             except Exception:  # unreachable or deleted: the lease does not move
                 value = last
             if value != last:
                 last = value
                 self.seen = time.monotonic()
-            time.sleep(LEASE_POLL)
+            time.sleep(CONSTS.dask_lease_poll)
 
     def age(self) -> float:
         """Seconds since the lease was last seen renewed."""
@@ -489,10 +488,10 @@ def _watch(
         # it is unreachable. Short waits, so that it ends soon after the task.
         while not forwarder.done.is_set():
             try:
-                if cancel.wait(timeout=CANCEL_POLL):
+                if cancel.wait(timeout=CONSTS.dask_cancel_poll):
                     break
             except Exception:
-                forwarder.done.wait(CANCEL_POLL)
+                forwarder.done.wait(CONSTS.dask_cancel_poll)
         else:
             return
         local.cancel(local_id, forwarder)
@@ -505,7 +504,7 @@ def _watch(
     lease = _lease(spec["lease"], client)
     lease_timeout = float(spec["lease_timeout"])
     try:
-        while not forwarder.done.wait(0.25):
+        while not forwarder.done.wait(CONSTS.dask_watch_interval):
             reason = None
             if lease.age() > lease_timeout:
                 reason = (f"killed: the supervisor's lease expired (no heartbeat "

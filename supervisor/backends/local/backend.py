@@ -20,14 +20,16 @@ import select
 import signal
 import sys
 from collections import deque
+from dataclasses import replace
 
 from supervisor import reaper
-from supervisor.backend import Backend, Host, Launch, Outcome, Registration
+from supervisor.backend import Backend, Host, Launch, Registration
 from supervisor.backends.local.capture import OutputPipes
 from supervisor.backends.local.children import DATA, EOF, ChildProcess, Shape, StarterProcess
 from supervisor.consts import CONSTS
 from supervisor.errors import describe_exit
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, prctl
+from supervisor.outcome import Ending, Outcome, OutcomeKind, Usage
 from supervisor.protocol import (
     Cancel,
     Exited,
@@ -237,12 +239,13 @@ class LocalBackend(Backend):
         self._capture(child, launch.task_id)
         child.max_memory = registration.max_memory
         child.max_cpu_seconds = sandbox.max_cpu_seconds
+        child.started_at = asyncio.get_running_loop().time()
         self._running[launch.task_id] = child
         self._idle.clear()
         if registration.timeout is not None:
             child.timers.append(asyncio.get_running_loop().call_later(
-                registration.timeout, self._kill, child, TaskState.FAILED,
-                f"timed out after {registration.timeout:g} s",
+                registration.timeout, self._kill, child,
+                Outcome(OutcomeKind.TIMEOUT, f"timed out after {registration.timeout:g} s"),
             ))
         log.info("task %s started in process %s", launch.task_id, child.pid)
         # NOTE: after the host recorded ACTIVE, not before (it is on the start path).
@@ -348,8 +351,9 @@ class LocalBackend(Backend):
                 # NOTE: a report never ends supervision: the process must
                 # still exit, and if it lingers its tree is killed.
                 child.timers.append(asyncio.get_running_loop().call_later(
-                    CONSTS.exit_grace, self._kill, child, TaskState.FAILED,
-                    f"the task process had not exited {CONSTS.exit_grace:g} s after it",
+                    CONSTS.exit_grace, self._kill, child, Outcome(
+                        OutcomeKind.CRASH,
+                        f"the task process had not exited {CONSTS.exit_grace:g} s after it"),
                     CONSTS.cancel_term_grace,
                 ))
         elif isinstance(message, Progress | StateChanged | Note):
@@ -388,6 +392,7 @@ class LocalBackend(Backend):
         assert child.pidfd is not None
         loop.remove_reader(child.pidfd)
         child.exited = True
+        child.exited_at = loop.time()
         while child.reading and self._read(child) == DATA:
             pass
         self._stop_reading(child)
@@ -454,6 +459,7 @@ class LocalBackend(Backend):
             return
         child.reaped = True
         child.exitcode = exited.exitcode
+        child.usage = _usage(exited.usage)
         self._maybe_finish(child)
 
     def _maybe_finish(self, child: ChildProcess) -> None:
@@ -469,7 +475,7 @@ class LocalBackend(Backend):
     def _finish(self, child: ChildProcess) -> None:
         """Report the task's one outcome and free its slot."""
         assert child.task_id is not None
-        outcome = self._outcome(child)
+        ending = self._ending(child)
         self._running.pop(child.task_id, None)
         if not self._running:
             self._idle.set()
@@ -484,37 +490,53 @@ class LocalBackend(Backend):
             # NOTE: its tree is gone (the pidfd fired and the starter reaped it).
             self._uids.give_back(child.dynamic_uid)
             child.dynamic_uid = None
-        self.host.task_finished(child.task_id, outcome)
+        self.host.task_finished(child.task_id, ending)
 
-    def _outcome(self, child: ChildProcess) -> Outcome:
-        """Decide the terminal state: a report before any kill wins, then the kill."""
+    def _ending(self, child: ChildProcess) -> Ending:
+        """Decide how the task ended: a report before any kill wins, then the kill,
+        then the exit status. The report is a claim (of a kind it may claim); the
+        limits, the kills and the exit status are the supervisor's own facts."""
+        usage = child.usage
+        if usage is not None:
+            end = child.exited_at if child.exited_at is not None \
+                else asyncio.get_running_loop().time()
+            usage = replace(usage, wall_seconds=max(0.0, end - child.started_at))
         final = child.final
         if final is not None:
-            try:
-                state = TaskState(final.state)
-            except ValueError:
-                state = TaskState.FAILED
-            if state in (TaskState.NEW, TaskState.ACTIVE, TaskState.WAITING):
-                return Outcome(TaskState.FAILED, (f"bad final state {final.state!r}",))
-            notes: tuple[str, ...] = (final.reason,) if final.reason else ()
-            if final.error_type == "MemoryError" and child.max_memory:
-                notes = (f"memory limit exceeded (max_memory={child.max_memory} bytes): "
-                         f"{final.reason}",)
+            state = TaskState(final.state)  # NOTE: a terminal one: check_report saw to it
+            kind = OutcomeKind(final.kind) if final.kind is not None else _claimed(final)
+            message = final.reason or ""
+            if kind is OutcomeKind.EXCEPTION and final.error_type == "MemoryError" \
+                    and child.max_memory:
+                kind = OutcomeKind.MEMORY
+                message = f"memory limit exceeded (max_memory={child.max_memory} bytes): " \
+                          f"{final.reason}"
+            notes: tuple[str, ...] = ()
             if child.forced is not None:
-                notes += (f"process tree killed after the final report: {child.forced[1]}",)
+                notes = (f"process tree killed after the final report: "
+                         f"{child.forced.message}",)
+            outcome = Outcome(kind, message, error_type=final.error_type,
+                              killed=child.forced is not None).with_exit(child.exitcode)
             result = final.result_json if state is TaskState.SUCCEEDED else None
-            return Outcome(state, notes, result, final.traceback)
+            return Ending(outcome, result, usage, notes, final.traceback)
         if child.forced is not None:
-            return Outcome(child.forced[0], (child.forced[1],))
-        if child.max_cpu_seconds is not None and child.exitcode == -signal.SIGXCPU:
-            return Outcome(TaskState.FAILED,
-                           (f"CPU time limit exceeded ({child.max_cpu_seconds:g} s)",))
+            return Ending(child.forced.with_exit(child.exitcode), usage=usage)
+        limit = child.max_cpu_seconds
+        if limit is not None and (child.exitcode == -signal.SIGXCPU or (
+                child.exitcode == -signal.SIGKILL and usage is not None
+                and usage.cpu_seconds >= limit)):
+            # NOTE: the soft limit sends SIGXCPU; a process that ignores it gets
+            # SIGKILL at the hard one, with its CPU time at the limit.
+            return Ending(Outcome(OutcomeKind.CPU, f"CPU time limit exceeded ({limit:g} s)")
+                          .with_exit(child.exitcode), usage=usage)
         hint = ""
         if child.max_memory and child.exitcode is not None and child.exitcode < 0:
             hint = f"possibly the max_memory limit of {child.max_memory} bytes"
-        elif child.max_cpu_seconds is not None and child.exitcode == -signal.SIGKILL:
-            hint = f"possibly the CPU time limit of {child.max_cpu_seconds:g} s"
-        return Outcome(TaskState.FAILED, (describe_exit(child.pid or 0, child.exitcode, hint),))
+        elif limit is not None and child.exitcode == -signal.SIGKILL:
+            hint = f"possibly the CPU time limit of {limit:g} s"
+        return Ending(Outcome(OutcomeKind.CRASH, describe_exit(child.pid or 0, child.exitcode,
+                                                               hint)).with_exit(child.exitcode),
+                      usage=usage)
 
     # -- cancel and kill -----------------------------------------------------
 
@@ -525,30 +547,19 @@ class LocalBackend(Backend):
         self._send(child, Cancel())  # NOTE: if it is exiting, the pidfd tells
         grace = self.host.cancel_grace
         child.timers.append(asyncio.get_running_loop().call_later(
-            grace, self._kill, child, TaskState.CANCELED,
-            f"killed after cancel grace period ({grace:g} s)",
+            grace, self._kill, child,
+            Outcome(OutcomeKind.CANCELED_KILLED, f"killed after cancel grace period ({grace:g} s)"),
             CONSTS.cancel_term_grace,
         ))
 
-    def kill_task(self, task_id: str, reason: str) -> None:
-        """Kill a running task's tree now, without a cancel grace (any thread).
+    def kill(self, task_id: str, reason: str) -> None:
+        child = self._running.get(task_id)
+        if child is not None:
+            self._kill(child, Outcome(OutcomeKind.CANCELED_KILLED, reason),
+                       CONSTS.cancel_term_grace)
 
-        The task ends CANCELED with ``reason`` unless it reported an outcome
-        first. Used where waiting is wrong, e.g. when a remote task's
-        supervisor is gone.
-        """
-        def kill() -> None:
-            child = self._running.get(task_id)
-            if child is not None:
-                self._kill(child, TaskState.CANCELED, reason, CONSTS.cancel_term_grace)
-
-        assert self._loop is not None, "the backend is not open"
-        self._loop.call_soon_threadsafe(kill)
-
-    def _kill(
-        self, child: ChildProcess, state: TaskState, reason: str,
-        term_grace: float = CONSTS.term_grace,
-    ) -> None:
+    def _kill(self, child: ChildProcess, outcome: Outcome,
+              term_grace: float = CONSTS.term_grace) -> None:
         """Decide the outcome and kill the tree: SIGTERM now, SIGKILL ``term_grace`` later.
 
         NOTE: a final report does not stop this (it would let a task that
@@ -557,8 +568,9 @@ class LocalBackend(Backend):
         """
         if child.killing or child.exited or child.pid is None:
             return
-        child.forced = (state, reason)
-        log.info("task %s: %s; killing process tree %d", child.task_id, reason, child.pid)
+        child.forced = replace(outcome, killed=True)
+        log.info("task %s: %s; killing process tree %d", child.task_id, outcome.message,
+                 child.pid)
         reaper.signal_tree(child.pid, signal.SIGTERM, child.pidfd)
         child.timers.append(asyncio.get_running_loop().call_later(
             term_grace, self._kill_hard, child,
@@ -583,7 +595,7 @@ class LocalBackend(Backend):
             # only by the drain after its pidfd fired (it wrote a lot and left at
             # once), and the outcome must still name the protocol error, not say
             # that the process "exited without reporting a result".
-            child.forced = (TaskState.FAILED, f"protocol error: {what}")
+            child.forced = Outcome(OutcomeKind.PROTOCOL, f"protocol error: {what}", killed=True)
             child.final = None
             if not child.exited:
                 reaper.signal_tree(child.pid, signal.SIGKILL, child.pidfd)
@@ -707,7 +719,7 @@ class LocalBackend(Backend):
                   or f"the starter process died (exit code {code}); task process tree killed")
         for child in list(self._running.values()):
             if child.final is None and not child.killing:
-                child.forced = (TaskState.FAILED, reason)
+                child.forced = Outcome(OutcomeKind.LOST, reason, killed=True)
             child.reaped = True  # nobody else will report it
             if child.pid is not None and not child.exited:
                 # NOTE: signal, do not wait: the pidfd says when it is gone.
@@ -717,8 +729,10 @@ class LocalBackend(Backend):
         # NOTE: a starter that cannot even come up (say, workers fails to
         # import) must not turn into a fork loop: back off, up to 5 s.
         lived = loop.time() - self._starter_started
-        self._starter_failures = 0 if lived > 10 else self._starter_failures + 1
-        delay = min(5.0, 0.1 * (2 ** self._starter_failures)) if self._starter_failures > 1 else 0
+        self._starter_failures = (0 if lived > CONSTS.starter_stable_after
+                                  else self._starter_failures + 1)
+        delay = (min(CONSTS.starter_restart_max, 0.1 * (2 ** self._starter_failures))
+                 if self._starter_failures > 1 else 0)
         if not self._stopping:
             loop.call_later(delay, self._restart_starter)
         for child in list(self._running.values()):
@@ -755,7 +769,8 @@ class LocalBackend(Backend):
         # 3. SIGTERM each remaining tree, SIGKILL survivors (descendants first).
         log.debug("terminate: killing %d remaining trees", len(self._running))
         for child in list(self._running.values()):
-            self._kill(child, TaskState.CANCELED, "killed: the manager is terminating")
+            self._kill(child, Outcome(OutcomeKind.CANCELED_TERMINATE,
+                                      "killed: the manager is terminating"))
         if self._running:
             try:
                 await asyncio.wait_for(self._idle.wait(), CONSTS.terminate_slack)
@@ -816,6 +831,27 @@ class LocalBackend(Backend):
         if self._starter.pid is not None:
             reaper.kill_tree(self._starter.pid, timeout=1.0)
         self._starter.close()
+
+
+def _claimed(final: Finished) -> OutcomeKind:
+    """The kind a final report without one stands for."""
+    if final.state == TaskState.SUCCEEDED.value:
+        return OutcomeKind.RETURNED
+    if final.state == TaskState.CANCELED.value:
+        return OutcomeKind.CANCELED_HONOURED
+    return OutcomeKind.EXCEPTION if final.error_type else OutcomeKind.FAILED_BY_ANIMATOR
+
+
+def _usage(figures: object) -> Usage | None:
+    """The usage in a starter's ``Exited`` (wall time to be filled in), if well-formed."""
+    if not (isinstance(figures, tuple) and len(figures) == 3):
+        return None
+    user, system, rss = figures
+    try:
+        return Usage.from_wire({"cpuUserSeconds": user, "cpuSystemSeconds": system,
+                                "maxRssBytes": rss, "wallSeconds": 0.0})
+    except ValueError:
+        return None
 
 
 def _shape(sandbox: Sandbox) -> Shape:

@@ -48,7 +48,7 @@ from supervisor.protocol import (
 )
 
 if TYPE_CHECKING:
-    from supervisor.states import TaskState
+    from supervisor.outcome import Outcome, Usage
 
 log = logging.getLogger("housekeeping.children")
 
@@ -183,7 +183,10 @@ class ChildProcess:
         self.init_pidfd: int | None = None  #: of the init in front of it, in a PID namespace
         self.task_id: str | None = None
         self.final: Finished | None = None  #: the child's final report, if any
-        self.forced: tuple[TaskState, str] | None = None  #: outcome chosen by a kill
+        self.forced: Outcome | None = None  #: outcome chosen by a kill
+        self.started_at = 0.0  #: loop time of the hand-over
+        self.exited_at: float | None = None  #: loop time its pidfd fired
+        self.usage: Usage | None = None  #: its reaper's rusage (wall time still 0)
         self.exited = False  #: the pidfd said the process is gone
         self.reaped = False  #: the starter reaped it and killed its orphans
         self.exitcode: int | None = None

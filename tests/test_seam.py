@@ -1,0 +1,146 @@
+"""The seams: the REST layer's FakeManager keeps the real Manager's contract; task-side
+processes import no parent code; one thread owns the shutdown."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import animators
+import psutil
+import pytest
+from conftest import TIMEOUT, message_texts, pids_gone, wait_for
+from fakes import FakeManager
+
+from rest.resources import TaskManager
+from supervisor import (
+    InvalidArguments,
+    Manager,
+    TaskNotFound,
+    UnsupportedOperation,
+)
+
+# -- FakeManager against the Manager -----------------------------------------------------
+
+#: the methods of the TaskManager protocol (what the REST layer calls)
+PROTOCOL_METHODS = sorted(
+    name for name, member in vars(TaskManager).items()
+    if callable(member) and not name.startswith("_"))
+
+
+def test_the_protocol_is_not_empty() -> None:
+    assert {"run_task", "get_snapshot", "cancel_task", "subscribe_changes"} <= set(
+        PROTOCOL_METHODS)
+
+
+@pytest.mark.parametrize("name", PROTOCOL_METHODS)
+def test_fake_and_real_take_the_same_parameters(name: str) -> None:
+    def shape(cls: type) -> list[tuple[str, Any, bool]]:
+        parameters = inspect.signature(getattr(cls, name)).parameters.values()
+        return [(p.name, p.kind, p.default is inspect.Parameter.empty) for p in parameters]
+
+    assert shape(FakeManager) == shape(Manager), name
+    assert shape(Manager) == shape(TaskManager), name
+
+
+def _scenario(m: Any) -> dict[str, Any]:
+    """What the REST layer can see of a manager, as comparable data."""
+    seen: dict[str, Any] = {}
+    events: list[str] = []
+    m.subscribe_changes(lambda event: events.append(f"{event.method} {event.task.state}"))
+    task_id = m.run_task({"operation": "HASH", "objectId": "o-1", "args": {"x": [1, 2]},
+                          "serviceStates": {"s": "up"}})
+    task = m.get_snapshot(task_id).to_dict()
+    seen["keys"] = sorted(task)
+    seen["meta"] = sorted(task["meta"])
+    seen["new"] = {k: task[k] for k in ("operation", "objectId", "args", "serviceStates",
+                                         "state", "cancelRequested", "result")}
+    seen["version"] = task["meta"]["version"]
+    seen["json"] = json.loads(m.get_snapshot(task_id).json()) == task
+    seen["listed"] = [s.id for s in m.list_snapshots("HASH")] == [task_id]
+    seen["other"] = m.list_snapshots("NOPE")
+    for bad, error in (({"operation": "NOPE"}, UnsupportedOperation),
+                       ({"operation": "HASH", "bogus": 1}, InvalidArguments)):
+        with pytest.raises(error):
+            m.run_task(bad)
+    with pytest.raises(TaskNotFound):
+        m.get_snapshot("NOPE000001")
+    with pytest.raises(TaskNotFound):
+        m.cancel_task("NOPE000001")
+    queued = m.run_task({"operation": "HASH"})
+    m.cancel_task(queued)
+    canceled = m.get_snapshot(queued).to_dict()
+    seen["canceled"] = (canceled["state"], canceled["outcome"], canceled["cancelRequested"],
+                        message_texts(canceled)[-2:])
+    with pytest.raises(TaskNotFound):
+        m.cancel_task(queued)
+    wait_for(lambda: len(events) >= 3)  # NOTE: the manager delivers on a thread of its own
+    seen["events"] = events[:3]
+    seen["log"] = m.get_log(queued)
+    seen["operations"] = [o["operation"] for o in m.operations()]
+    seen["counts"] = sorted(m.counts())
+    return seen
+
+
+def test_fake_behaves_as_the_manager(manager: Any) -> None:
+    fake = FakeManager()
+    real = manager(max_workers=1)
+    real.register_animator("SLEEP", animators.Cooperative())
+    real.register_animator("HASH", animators.Quick())
+    # NOTE: the real one's slot is taken, so that its HASH tasks wait as the fake's do
+    sleeper = real.run_task({"operation": "SLEEP"})
+    wait_for(lambda: real.get_task(sleeper)["state"] == "ACTIVE")
+    expected = _scenario(real)
+    assert _scenario(fake) == expected
+
+
+# -- what task-side processes import ----------------------------------------------------
+
+
+def test_task_side_processes_import_no_parent_code() -> None:
+    code = ("import sys, workers.starter, workers.child, workers.pid1; "
+            "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True, timeout=TIMEOUT).stdout.split())
+    parent_side = {"supervisor.manager", "supervisor.dispatcher", "supervisor.ledger",
+                   "supervisor.backends", "supervisor.events", "psutil", "falcon", "rest",
+                   "distributed"}
+    assert not parent_side & loaded, parent_side & loaded
+    assert {"supervisor.protocol", "supervisor.outcome"} <= loaded
+
+
+def test_the_package_still_exports_everything() -> None:
+    import supervisor
+
+    for name in supervisor.__all__:
+        assert getattr(supervisor, name) is not None, name
+
+
+# -- one thread owns the shutdown -------------------------------------------------------
+
+
+def test_terminate_while_the_starter_dies(manager: Any, caplog: pytest.LogCaptureFixture,
+                                          ) -> None:
+    """The starter is killed and terminate() runs at once, many times: no descriptor is
+    closed twice, nothing is left, every task ends."""
+    caplog.set_level(logging.ERROR)
+    for _ in range(12):
+        m = manager(max_workers=1, cancel_grace=0.2)
+        m.register_animator("COOP", animators.Cooperative())
+        task_id = m.run_task({"operation": "COOP"})
+        info = wait_for(lambda m=m, task_id=task_id: animators.ready_info(m.get_task(task_id)))
+        starter = psutil.Process(info["ppid"])
+        assert starter.ppid() == os.getpid()
+        starter.send_signal(signal.SIGKILL)
+        m.terminate()
+        assert m.get_task(task_id)["state"] in ("FAILED", "CANCELED")
+        assert pids_gone(info["pid"], info["ppid"])
+    bad = [r for r in caplog.records if r.exc_info or "Bad file descriptor" in r.getMessage()
+           or "shutdown" in r.getMessage()]
+    assert not bad, [r.getMessage() for r in bad]
