@@ -14,13 +14,10 @@ states, reasons, outcome kinds and result checks as the supervisor::
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import traceback
 from typing import Any
-
-import uvloop
 
 from supervisor.outcome import OutcomeKind
 from supervisor.protocol import MAX_JSON_DEPTH, MAX_RESULT_BYTES, Finished, json_depth
@@ -109,6 +106,13 @@ def _run_async(animator: Any, ops: Any) -> Any:
     thread in a task process, where the pipe is watched; from any thread of a
     test), so it is passed to the loop thread-safely.
     """
+    # NOTE: imported here, not at the top: asyncio brings OpenSSL along, and the
+    # starter loads it only once an operation with an async execute is
+    # registered (every fork of a bigger starter costs more).
+    import asyncio
+
+    import uvloop
+
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         inner = asyncio.ensure_future(animator.execute(ops))

@@ -13,7 +13,7 @@ from supervisor.protocol import Cancel, Note, Progress, StateChanged, check_prog
 from supervisor.states import TaskState, is_terminal
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
+    from workers.pipe import TaskPipe
 
 class TaskEnded(BaseException):
     """Raised by ``TaskOps.set_state`` with a terminal state to end ``execute``.
@@ -41,7 +41,7 @@ class TaskOps:
     def __init__(
         self,
         task: dict[str, Any],
-        conn: Connection,
+        conn: TaskPipe,
         *,
         clock: Callable[[], float] = time.monotonic,  # test shim
     ) -> None:

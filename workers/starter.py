@@ -55,7 +55,7 @@ from supervisor.protocol import (
     decode,
     encode,
 )
-from workers.child import run_warm_process
+from workers.child import prepare_output, run_warm_process
 from workers.pid1 import run_init
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
@@ -423,6 +423,7 @@ def main() -> int:
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     sock = socket.socket(fileno=fd)
     warm_up()
+    prepare_output()
     gc.freeze()
     return serve(sock, parent)
 

@@ -13,12 +13,14 @@ starter's socket and every timer (cancel grace, timeout, SIGTERM→SIGKILL).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import os
 import select
 import signal
 import sys
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -120,8 +122,12 @@ class LocalBackend(Backend):
         if shape not in self._shapes:
             self._shapes.add(shape)
             self._replenish()
-        if registration.module is not None:
-            self._preload((registration.module,))
+        modules: tuple[str, ...] = () if registration.module is None else (registration.module,)
+        if inspect.iscoroutinefunction(registration.animator.execute):
+            # NOTE: the starter loads asyncio and uvloop (and OpenSSL with them)
+            # only now: they make every fork and exit dearer, for every task.
+            modules += ("uvloop",)
+        self._preload(modules)
 
     def _preload(self, modules: tuple[str, ...]) -> None:
         modules = tuple(module for module in modules if module not in self._preloaded)
@@ -239,7 +245,7 @@ class LocalBackend(Backend):
         self._capture(child, launch.task_id)
         child.max_memory = registration.max_memory
         child.max_cpu_seconds = sandbox.max_cpu_seconds
-        child.started_at = asyncio.get_running_loop().time()
+        child.started_at = time.monotonic()  # NOTE: uvloop's clock counts milliseconds
         self._running[launch.task_id] = child
         self._idle.clear()
         if registration.timeout is not None:
@@ -392,7 +398,7 @@ class LocalBackend(Backend):
         assert child.pidfd is not None
         loop.remove_reader(child.pidfd)
         child.exited = True
-        child.exited_at = loop.time()
+        child.exited_at = time.monotonic()
         while child.reading and self._read(child) == DATA:
             pass
         self._stop_reading(child)
@@ -498,8 +504,7 @@ class LocalBackend(Backend):
         limits, the kills and the exit status are the supervisor's own facts."""
         usage = child.usage
         if usage is not None:
-            end = child.exited_at if child.exited_at is not None \
-                else asyncio.get_running_loop().time()
+            end = child.exited_at if child.exited_at is not None else time.monotonic()
             usage = replace(usage, wall_seconds=max(0.0, end - child.started_at))
         final = child.final
         if final is not None:

@@ -184,8 +184,8 @@ class ChildProcess:
         self.task_id: str | None = None
         self.final: Finished | None = None  #: the child's final report, if any
         self.forced: Outcome | None = None  #: outcome chosen by a kill
-        self.started_at = 0.0  #: loop time of the hand-over
-        self.exited_at: float | None = None  #: loop time its pidfd fired
+        self.started_at = 0.0  #: time.monotonic() of the hand-over
+        self.exited_at: float | None = None  #: time.monotonic() when its pidfd fired
         self.usage: Usage | None = None  #: its reaper's rusage (wall time still 0)
         self.exited = False  #: the pidfd said the process is gone
         self.reaped = False  #: the starter reaped it and killed its orphans
