@@ -41,6 +41,9 @@ class Consts:
     #: exit) within this is stopped or hung: it is killed with its whole tree
     #: and replaced.
     starter_deadline: float = 2.0
+    #: A task process exited and the starter has not reported its tree gone within
+    #: this: ping the starter (it then has ``starter_deadline`` to answer).
+    exit_report_wait: float = 0.05
     #: The same right after a Preload: the starter imports the animator modules
     #: before it can answer (a big library may take seconds).
     preload_deadline: float = 60.0

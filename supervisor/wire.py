@@ -23,6 +23,7 @@ subscribers there are, and publishing an event copies nothing.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -53,9 +54,21 @@ PROGRESS_NAMES = {wire: name for name, wire in _PROGRESS_WIRE.items()}
 
 
 def utc_stamp(when: float | None = None) -> str:
-    """Format a time (POSIX seconds; now by default) as the wire's timestamp."""
-    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
-    return moment.strftime(STAMP_FORMAT)
+    """Format a time (POSIX seconds; now by default) as the wire's timestamp
+    (:data:`STAMP_FORMAT`)."""
+    fraction, whole = math.modf(time.time() if when is None else when)
+    micro = round(fraction * 1e6)  # NOTE: as datetime rounds (half to even, carried)
+    second = int(whole) + micro // 1_000_000
+    # NOTE: every version of every task is stamped; the part up to the second
+    # is formatted once per second, the microseconds each time.
+    cached = _last_second
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        globals()["_last_second"] = cached
+    return f"{cached[1]}.{micro % 1_000_000:06d}Z"
+
+
+_last_second: tuple[int, str] = (-1, "")
 
 
 def parse_stamp(text: object) -> float | None:

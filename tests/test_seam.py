@@ -13,10 +13,12 @@ import sys
 from typing import Any
 
 import animators
+import hypothesis.strategies as st
 import psutil
 import pytest
 from conftest import TIMEOUT, message_texts, pids_gone, wait_for
 from fakes import FakeManager
+from hypothesis import given
 
 from rest.resources import TaskManager
 from supervisor import (
@@ -144,3 +146,13 @@ def test_terminate_while_the_starter_dies(manager: Any, caplog: pytest.LogCaptur
     bad = [r for r in caplog.records if r.exc_info or "Bad file descriptor" in r.getMessage()
            or "shutdown" in r.getMessage()]
     assert not bad, [r.getMessage() for r in bad]
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_the_wire_stamp_is_datetimes_own(when: float) -> None:
+    """utc_stamp formats the second once and the microseconds each time: the same text."""
+    from datetime import UTC, datetime
+
+    from supervisor.wire import STAMP_FORMAT, utc_stamp
+
+    assert utc_stamp(when) == datetime.fromtimestamp(when, UTC).strftime(STAMP_FORMAT)

@@ -403,11 +403,18 @@ class LocalBackend(Backend):
             pass
         self._stop_reading(child)
         if not child.reaped:
-            self._send_ping()  # NOTE: the starter must report it, or be found hung
+            # NOTE: the starter must report it, or be found hung; it nearly
+            # always does within a millisecond, so ask only when it has not.
+            child.timers.append(loop.call_later(
+                CONSTS.exit_report_wait, self._ping_unless_reaped, child))
             if child.init_pidfd is not None:
                 child.timers.append(loop.call_later(
                     CONSTS.starter_deadline, self._init_overdue, child))
         self._maybe_finish(child)
+
+    def _ping_unless_reaped(self, child: ChildProcess) -> None:
+        if not child.reaped:
+            self._send_ping()
 
     def _init_overdue(self, child: ChildProcess) -> None:
         """The task process exited long ago, yet its init has not reported its namespace
