@@ -216,7 +216,10 @@ def serve(args: argparse.Namespace) -> int:
                 raise CommandError(
                     RET_ANIMATORS, f"--animators {spec}: {type(exc).__name__}: {exc}"
                 ) from None
-        app = falcon.App(middleware=[AccessLog()])
+        # NOTE: no middleware at all when its lines would not be logged (Falcon's
+        # path without middleware is the cheaper one for every request)
+        logging_access = logging.getLogger("housekeeping.access").isEnabledFor(logging.INFO)
+        app = falcon.App(middleware=[AccessLog()] if logging_access else [])
         install_error_handling(app)
         options = RestOptions(
             max_streams=args.max_streams or max(1, args.threads // 2),

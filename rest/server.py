@@ -168,6 +168,8 @@ class AccessLog:
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         """Log ``client METHOD /path?query status duration`` (the path cut to 300 characters)."""
+        if not access_log.isEnabledFor(logging.INFO):
+            return  # NOTE: --log-level WARNING: not even the line's fields are worked out
         elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
         access_log.info(
             "%s %s %.300s %s %.1fms",

@@ -6,9 +6,12 @@ changes. Publishing only appends the one shared, immutable
 subscriber has its own delivery thread, so a slow or raising callback delays
 nobody but itself. A plain subscriber gets the event as a fresh dict, built on
 its own thread; a raw one (the REST layer's streams and metrics) gets the
-shared object itself. One that falls more than ``backlog`` events or
-``backlog_bytes`` bytes behind is dropped: its backlog is discarded and it
-receives one last event, ``{"method": "DROPPED", ...}``, telling it to start over.
+shared object itself. A delivery thread takes its whole backlog at once and
+is woken only when the backlog was empty, so a busy subscriber costs one
+wake-up per batch, not per event. One that falls more than ``backlog``
+events or ``backlog_bytes`` bytes behind (not counting the batch it is
+delivering) is dropped: its backlog is discarded and it receives one last
+event, ``{"method": "DROPPED", ...}``, telling it to start over.
 """
 
 from __future__ import annotations
@@ -72,7 +75,10 @@ class Subscriber:
                 return False
             self.queue.append(item)
             self.queued_bytes += item.size
-            self.cond.notify()
+            if len(self.queue) == 1:
+                # NOTE: the thread waits only on an empty backlog: one wake-up per
+                # batch, not per event.
+                self.cond.notify()
             return True
 
     def close(self) -> None:
@@ -92,12 +98,14 @@ class Subscriber:
                     self.cond.wait()
                 if not self.queue:
                     return
-                item = self.queue.popleft()
-                self.queued_bytes = max(0, self.queued_bytes - item.size)
-            try:
-                self.deliver(item)
-            except Exception:
-                log.exception("subscriber %d raised; item skipped", self.key)
+                # NOTE: the whole backlog at once: one lock round per batch
+                batch, self.queue = self.queue, deque()
+                self.queued_bytes = 0
+            for item in batch:
+                try:
+                    self.deliver(item)
+                except Exception:
+                    log.exception("subscriber %d raised; item skipped", self.key)
 
 
 class _EventSubscriber(Subscriber):

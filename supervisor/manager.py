@@ -318,11 +318,15 @@ class Manager:
             if follow_log is not None:
                 task.log = self._dispatcher.new_log()
                 task.log.follow(follow_log, 0)
+            # NOTE: the loop is woken only when a slot is free: with every slot
+            # taken, the end of a task dispatches the queue, in order.
+            wake = len(ledger.running) < self.max_workers
             ledger.table.add(task)
             ledger.queue.append(task.id)
             ledger.publish("POST", task)
         log.info("task %s created (%s)", task.id, task.operation)
-        self._loop_thread.call(self._dispatcher.dispatch)
+        if wake:
+            self._loop_thread.call(self._dispatcher.dispatch)
         return task.id
 
     def get_task(self, task_id: str) -> dict[str, Any]:

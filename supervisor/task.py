@@ -177,8 +177,12 @@ def check_create(create: object) -> EncodedCreate:
         if isinstance(create.get(name), dict) and name in given:
             encoded.append(given[name])  # NOTE: as parsed by the REST layer, not re-encoded
             continue
+        value = create.get(name)
+        if not value:
+            encoded.append(b"{}")  # NOTE: the common case, without an encoder call
+            continue
         try:
-            encoded.append(encode_json(create.get(name) or {}))
+            encoded.append(encode_json(value))
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArguments(f"{name} must be JSON: {exc}") from None
     return EncodedCreate(*encoded)

@@ -22,6 +22,7 @@ subscribers there are, and publishing an event copies nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -93,11 +94,22 @@ def encode_json(value: Any) -> bytes:
     posted body or a task result) cannot be encoded as UTF-8; such a document
     falls back to ASCII escapes instead of failing.
     """
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _COMPACT(value)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return _COMPACT_ASCII(value).encode("ascii")
+
+
+@functools.lru_cache(maxsize=256)
+def _string_json(text: str) -> bytes:
+    """``encode_json(text)``, remembered: a few operation names make most tasks."""
+    return encode_json(text)
+
+
+#: ``json.dumps`` with these options, its encoder made once (dumps makes one per call)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 class Message:
@@ -111,6 +123,15 @@ class Message:
         self.json = encode_json({"time": time, "message": text})
 
 
+#: ``,"state":...,"cancelRequested":...`` of every state, as encode_json writes it.
+_STATE_PARTS = {(state, canceled): b',"state":"%s","cancelRequested":%s' % (
+    state.encode(), b"true" if canceled else b"false")
+    for state in ("NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED")
+    for canceled in (False, True)}
+#: Largest task document a snapshot keeps once joined, in bytes.
+_KEPT_DOCUMENT = 16 * 1024
+
+
 class TaskSnapshot:
     """One version of one task, immutable: its wire form as fields and JSON parts.
 
@@ -120,7 +141,7 @@ class TaskSnapshot:
     the data behind the document's fields of those names (None until known).
     """
 
-    __slots__ = ("_parts", "cancel_requested", "created_at", "id", "messages",
+    __slots__ = ("_json", "_parts", "cancel_requested", "created_at", "id", "messages",
                  "modified_at", "number", "object_id", "operation", "outcome", "size",
                  "state", "time_created", "time_modified", "usage", "version")
 
@@ -148,8 +169,9 @@ class TaskSnapshot:
         self.usage = usage
         self.number = number  #: the task's creation number (its place in creation order)
         self._parts = parts
+        self._json: bytes | None = None
         #: the length of :meth:`json`, in bytes (what a backlog of it costs at most)
-        self.size = sum(len(part) + 1 if part is not None else 0 for part in parts) + sum(
+        self.size = sum(map(len, filter(None, parts))) + len(parts) + sum(
             len(message.json) + 1 for message in messages)
 
     @classmethod
@@ -161,14 +183,20 @@ class TaskSnapshot:
               number: int = 0, created_at: float | None = None,
               modified_at: float | None = None) -> TaskSnapshot:
         """Assemble a snapshot from a task's fields; cheap: the big parts are shared."""
-        meta = {"id": task_id, "objType": "Task", "version": version,
-                "timeCreated": time_created, "timeModified": time_modified}
-        head = encode_json({"meta": meta, "operation": operation})
-        tail: dict[str, Any] = {"state": state, "cancelRequested": cancel_requested}
-        middle = encode_json(tail)
+        # NOTE: spliced, not encoded as a dict: a snapshot is built for every
+        # version of every task. The stamps are ASCII digits and punctuation
+        # (utc_stamp); the two strings are encoded as encode_json would.
+        # A task id is 1-128 of [A-Za-z0-9_-] (the table makes them so, and
+        # run_task_as checks them): quoted, it is its own JSON.
+        head = b"".join((
+            b'{"meta":{"id":"', task_id.encode(), b'","objType":"Task","version":',
+            str(version).encode(), b',"timeCreated":"', time_created.encode(),
+            b'","timeModified":"', time_modified.encode(), b'"},"operation":',
+            _string_json(operation)))
         parts: list[bytes | None] = [
-            head[:-1], b',"serviceStates":', service_states_json, b',"args":', args_json,
-            b",", middle[1:-1], b',"messages":[', None,  # NOTE: None: the messages go here
+            head, b',"serviceStates":', service_states_json, b',"args":', args_json,
+            _STATE_PARTS[state, cancel_requested],
+            b',"messages":[', None,  # NOTE: None: the messages go here
             b'],"result":', result_json if result_json is not None else b"null",
         ]
         extra: dict[str, Any] = {}
@@ -212,9 +240,19 @@ class TaskSnapshot:
                    usage=None if usage is None else Usage.from_wire(usage), number=number)
 
     def json(self) -> bytes:
-        """The task's JSON document (compact UTF-8, strict, on one line)."""
-        return b"".join(b",".join(m.json for m in self.messages) if part is None else part
-                        for part in self._parts)
+        """The task's JSON document (compact UTF-8, strict, on one line).
+
+        NOTE: joined at the first call and kept when small (a list of a thousand
+        tasks is then a join of kept documents); a big one is joined each time,
+        so that a 1 MiB task still costs about 1 MiB however many versions are kept.
+        """
+        document = self._json
+        if document is None:
+            document = b"".join(b",".join(m.json for m in self.messages) if part is None
+                                else part for part in self._parts)
+            if len(document) <= _KEPT_DOCUMENT:
+                self._json = document
+        return document
 
     def to_dict(self) -> dict[str, Any]:
         """A fresh wire dict of this version."""

@@ -156,3 +156,32 @@ def test_the_wire_stamp_is_datetimes_own(when: float) -> None:
     from supervisor.wire import STAMP_FORMAT, utc_stamp
 
     assert utc_stamp(when) == datetime.fromtimestamp(when, UTC).strftime(STAMP_FORMAT)
+
+
+@given(operation=st.text(min_size=1, max_size=20), object_id=st.none() | st.text(max_size=20),
+       state=st.sampled_from(["NEW", "ACTIVE", "WAITING", "CANCELED", "FAILED", "SUCCEEDED"]),
+       canceled=st.booleans(), version=st.integers(1, 10**9),
+       when=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+       notes=st.lists(st.text(max_size=10), max_size=3))
+def test_a_spliced_snapshot_is_the_compact_json_of_its_fields(
+        operation: str, object_id: str | None, state: str, canceled: bool, version: int,
+        when: float, notes: list[str]) -> None:
+    from supervisor.wire import Message, TaskSnapshot, encode_json, utc_stamp
+
+    stamp = utc_stamp(when)
+    messages = tuple(Message(stamp, text) for text in notes)
+    snapshot = TaskSnapshot.build(
+        task_id="OP000001", operation=operation, object_id=object_id, state=state,
+        version=version, time_created=stamp, time_modified=stamp, cancel_requested=canceled,
+        service_states_json=b"{}", args_json=b'{"a":[1]}', messages=messages,
+        result_json=None, progress=None)
+    expected: dict[str, Any] = {
+        "meta": {"id": "OP000001", "objType": "Task", "version": version,
+                 "timeCreated": stamp, "timeModified": stamp},
+        "operation": operation, "serviceStates": {}, "args": {"a": [1]}, "state": state,
+        "cancelRequested": canceled,
+        "messages": [{"time": stamp, "message": text} for text in notes], "result": None}
+    if object_id is not None:
+        expected["objectId"] = object_id
+    assert snapshot.json() == encode_json(expected)
+    assert snapshot.json() is snapshot.json()  # kept once joined (a small document)
