@@ -8,6 +8,8 @@ a fresh process per task costs.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import wait
 from multiprocessing import connection
@@ -114,6 +116,54 @@ class ProcessBatch(Batch):
                 reader.close()
 
 
+#: The bare loop of :class:`ProcessBatch`, run by a fresh interpreter that imports
+#: nothing else: the floor a light service would see (a fork costs more the
+#: more its parent has mapped).
+_LIGHT_LOOP = """
+import multiprocessing as mp, sys, time
+from multiprocessing import connection
+def report(writer):
+    writer.send_bytes(b"done")
+    writer.close()
+if __name__ == "__main__":
+    ctx, tasks, workers = mp.get_context("fork"), int(sys.argv[1]), int(sys.argv[2])
+    running, started, done = {}, 0, 0
+    cpu, start = time.process_time(), time.monotonic()
+    while done < tasks:
+        while len(running) < workers and started < tasks:
+            reader, writer = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=report, args=(writer,))
+            process.start()
+            writer.close()
+            running[reader] = process
+            started += 1
+        for reader in connection.wait(list(running), 60):
+            reader.recv_bytes()
+            running.pop(reader).join()
+            reader.close()
+            done += 1
+    print(time.monotonic() - start, time.process_time() - cpu)
+"""
+
+
+class LightProcessBatch(Batch):
+    """The bare fork-per-task loop in a parent that imported nothing else."""
+
+    def __init__(self, tasks: int, cpu: Table) -> None:
+        super().__init__("multiprocessing fork per task, light parent", tasks, cpu)
+
+    def __enter__(self) -> LightProcessBatch:
+        return self
+
+    def sample(self) -> float:
+        answer = subprocess.run(
+            [sys.executable, "-c", _LIGHT_LOOP, str(self.tasks), str(WORKERS)],
+            capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        seconds, cpu = (float(x) for x in answer.stdout.split())
+        self.cpu.row(self.name).samples.append(cpu / self.tasks)
+        return self.tasks / seconds
+
+
 class PoolBatch(Batch):
     """A pool of two workers, all tasks submitted at once."""
 
@@ -163,6 +213,7 @@ def run(options: Options) -> Section:
     approaches: list[Approach] = [
         ManagerBatch("housekeeping Manager(max_workers=2)", tasks, cpu),
         ProcessBatch("fork", tasks, cpu),
+        LightProcessBatch(tasks, cpu),
         ProcessBatch("forkserver", tasks, cpu),
         PoolBatch("pebble", tasks, cpu),
         PoolBatch("ppe1", tasks, cpu),
@@ -176,7 +227,9 @@ def run(options: Options) -> Section:
     section.notes += [
         "housekeeping: from the first run_task to the last SUCCEEDED event; every task "
         "in a fresh process; table and subscriber kept as in a service",
-        "multiprocessing: start, read the child's message, join; 2 at a time",
+        "multiprocessing: start, read the child's message, join; 2 at a time; 'light "
+        "parent': the same loop in a fresh interpreter that imports nothing else (a fork "
+        "costs more the more its parent has mapped; this process has every peer loaded)",
         "pools: all tasks submitted at once, until the last future is done",
         "CPU: time.process_time() of the benchmark process (the housekeeping loop and "
         "subscriber threads, or the pool's threads); helper processes not counted",

@@ -87,6 +87,9 @@ def prepare_output() -> None:
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         _PREPARED = (_line_buffered(1), handler.stream, handler)
+        # NOTE: here too: setLevel clears every logger's cache (the starter's own
+        # records still stop at the default last resort, which wants WARNING)
+        logging.getLogger().setLevel(logging.INFO)
 
 
 _PREPARED: tuple[io.TextIOWrapper, io.TextIOWrapper, logging.StreamHandler[Any]] | None = None
@@ -107,7 +110,6 @@ def _capture_output(stdout: int, stderr: int) -> None:
     # starter's stdout may be one) took itself for seekable, and reconfigure() then
     # fails with ESPIPE on the pipe, leaving print() block-buffered.
     sys.stdout, sys.stderr, logging.lastResort = _PREPARED
-    logging.getLogger().setLevel(logging.INFO)
 
 
 def _line_buffered(fd: int) -> io.TextIOWrapper:
