@@ -11,9 +11,8 @@ round after round, in one run:
   task whose body hands it to a Manager in the worker process, which runs it
   in a process of its own.
 
-Start latency: with the Dask backend a task is ACTIVE as soon as it is
-submitted, so ACTIVE says nothing about the child. The figure is ``run_task``
-until a subscriber sees the child's first message (the animator sends one at
+Start latency: the figure is ``run_task`` until a subscriber sees the
+child's first message (the animator sends one at
 once); the same tasks also give ``run_task`` until ``execute`` begins (the
 child's CLOCK_MONOTONIC: the cluster is on this machine) and until SUCCEEDED
 (one trivial task end to end, one at a time).
@@ -59,6 +58,8 @@ CLOSE_GRACE = 5.0
 
 LOCAL = "housekeeping, local backend"
 DASK = f"housekeeping, Dask backend (LocalCluster {WORKERS}×1)"
+BARE = "bare Dask: client.submit(noop).result()"
+BARE_FORK = "bare Dask: each task forks one process on the worker"
 
 #: A backend factory: None means the Manager's default (local) backend.
 BackendFactory = Callable[[], Any]
@@ -124,6 +125,68 @@ class StartLatency(Approach):
         return self.announced[task_id] - start
 
 
+def _noop() -> None:
+    """A Dask task (and a forked process's target) that does nothing."""
+
+
+def _fork_one() -> int:
+    """A Dask task that runs one process on its worker: the floor of an isolated task.
+
+    NOTE: os.fork, not multiprocessing: a LocalCluster's worker is a daemonic
+    process, which multiprocessing does not let have children.
+    """
+    import os
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+class BareRoundTrip(Approach):
+    """One Dask task at a time, straight on the cluster: submit, result."""
+
+    pause = PAUSE
+
+    def __init__(self, name: str, cluster: Any, function: Callable[[], Any]) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.function = function
+
+    def __enter__(self) -> BareRoundTrip:
+        import distributed
+
+        self.client = distributed.Client(self.cluster)
+        for _ in range(WARMUP):
+            self.client.submit(self.function, pure=False).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    def sample(self) -> float:
+        start = time.monotonic()
+        self.client.submit(self.function, pure=False).result()
+        return time.monotonic() - start
+
+
+class BareForkBatch(BareRoundTrip):
+    """A batch of Dask tasks that each fork one process, all submitted at once."""
+
+    pause = 0.0
+
+    def __init__(self, name: str, cluster: Any, tasks: int) -> None:
+        super().__init__(name, cluster, _fork_one)
+        self.tasks = tasks
+
+    def sample(self) -> float:
+        start = time.monotonic()
+        futures = [self.client.submit(_fork_one, pure=False) for _ in range(self.tasks)]
+        if any(code != 0 for code in self.client.gather(futures)):
+            raise RuntimeError(f"{self.name}: a forked process failed")
+        return self.tasks / (time.monotonic() - start)
+
+
 class BackendBatch(ManagerBatch):
     """Manager(max_workers=2) on a given backend: a batch of trivial tasks at once."""
 
@@ -163,10 +226,12 @@ def _no_event_waiters(cluster: Any) -> None:
     wait_until(lambda: not any(waiters.values()), "the cancel Event waits to end", step=0.01)
 
 
-def _table(title: str, unit: str, **options: Any) -> Table:
-    """A table of the two backends, local first, with the ratio Dask ÷ local."""
-    return Table(title, unit, [Series(LOCAL), Series(DASK)], pairs=[(DASK, LOCAL)],
-                 ratio_title="ratio Dask ÷ local", **options)
+def _table(title: str, unit: str, *bare: str, **options: Any) -> Table:
+    """A table of the two backends, local first, with the ratio Dask ÷ local (and
+    Dask ÷ each ``bare`` row: Dask itself, without housekeeping)."""
+    return Table(title, unit, [Series(name) for name in (LOCAL, DASK, *bare)],
+                 pairs=[(DASK, LOCAL), *((DASK, name) for name in bare)],
+                 ratio_title="ratio Dask backend ÷ peer", **options)
 
 
 def _descendants() -> list[psutil.Process]:
@@ -209,9 +274,10 @@ def run(options: Options) -> Section:
     began = _table("start: run_task → execute() begins in the child", "ms",
                    scale=1000, digits=3)
     ended = _table("one trivial task end to end: run_task → SUCCEEDED seen", "ms",
-                   scale=1000, digits=3)
+                   BARE, BARE_FORK, scale=1000, digits=3)
     rates = _table(f"isolated throughput: tasks per second ({tasks} per sample, "
-                   f"{WORKERS} at a time)", "tasks/s", higher_is_better=True, digits=0)
+                   f"{WORKERS} at a time)", "tasks/s", BARE_FORK, higher_is_better=True,
+                   digits=0)
     cpu = _table("CPU time of this process per task (Dask: with the LocalCluster's "
                  "scheduler)", "ms", scale=1000, digits=3)
     section = Section(TITLE, [first, began, ended, rates, cpu])
@@ -237,8 +303,12 @@ def run(options: Options) -> Section:
             alternate([StartLatency(LOCAL, local, local, began, ended),
                        StartLatency(DASK, dask, dask_quiet, began, ended)],
                       rounds, per_round, first)
+            alternate([BareRoundTrip(BARE, cluster, _noop),
+                       BareRoundTrip(BARE_FORK, cluster, _fork_one)],
+                      rounds, per_round, ended)
             alternate([BackendBatch(LOCAL, local, local, tasks, cpu),
-                       BackendBatch(DASK, dask, dask_quiet, tasks, cpu)],
+                       BackendBatch(DASK, dask, dask_quiet, tasks, cpu),
+                       BareForkBatch(BARE_FORK, cluster, tasks)],
                       batch_rounds, 1, rates)
         finally:
             mine = [p for p in _descendants() if p.pid not in before]
@@ -264,13 +334,17 @@ def run(options: Options) -> Section:
         "on 127.0.0.1, started once and shared by every round; each round makes a new "
         "Manager(backend=DaskBackend(cluster), max_workers=2); the local rows use "
         "Manager(max_workers=2), measured while the idle cluster is up",
-        "start: a Dask task is ACTIVE at submission, so the start figure is run_task until "
-        "a subscriber sees the child's first message (sent at once); execute() begins is "
+        "start: run_task until a subscriber sees the child's first message (sent at "
+        "once); execute() begins is "
         "the child's clock; SUCCEEDED is the same task end to end; one task at a time, "
         f"after {WARMUP} warm-up tasks per set-up and a {PAUSE * 1000:g} ms pause "
         "(local: and its warm processes ready again)",
         "throughput: every task in a fresh process on both backends; from the first "
         "run_task to the last SUCCEEDED event",
+        "bare Dask: the same LocalCluster with a Client of its own, no housekeeping: "
+        "submit(noop).result() one at a time (the engine's round trip), and tasks that "
+        "each fork one process on the worker (one at a time for the round trip, a batch "
+        "submitted at once for the rate): the floors of the Dask backend",
         "a Dask manager terminates once the worker side of its last tasks is done with "
         "the scheduler (no cancel Event waits left; not measured)",
         "CPU: time.process_time() of the benchmark process, which also runs the "
