@@ -15,6 +15,8 @@ from concurrent.futures import wait
 from multiprocessing import connection
 from typing import Any
 
+import psutil
+
 from benchmarks import animators
 from benchmarks.common import TIMEOUT, Approach, Options, Section, Table, alternate
 from benchmarks.recording import Recorder, recorded_manager
@@ -45,7 +47,14 @@ class Batch(Approach):
 
 
 class ManagerBatch(Batch):
-    """housekeeping Manager(max_workers=2)."""
+    """housekeeping Manager(max_workers=2).
+
+    With ``split``, also where each task's CPU time goes: the task process (its
+    ``usage``, the kernel's wait4 accounting), the starter and the inits (every
+    other descendant of this process), per task.
+    """
+
+    split: Table | None = None
 
     def __enter__(self) -> ManagerBatch:
         self.recorder = Recorder()
@@ -60,6 +69,7 @@ class ManagerBatch(Batch):
 
     def run_batch(self) -> float:
         before = self.recorder.ended
+        helpers = _descendants_cpu()
         start = time.monotonic()
         ids = [self.manager.run_task({"operation": "NOOP"}) for _ in range(self.tasks)]
         self.recorder.wait_for(lambda: self.recorder.ended - before >= self.tasks,
@@ -68,7 +78,27 @@ class ManagerBatch(Batch):
         if bad:
             raise RuntimeError(f"housekeeping: {len(bad)} trivial tasks did not succeed")
         last = max(self.recorder.when(t, "SUCCEEDED") or 0.0 for t in ids)
+        if self.split is not None:
+            usage = [self.manager.get_task(t)["usage"] for t in ids]
+            tasks_cpu = sum(u["cpuUserSeconds"] + u["cpuSystemSeconds"] for u in usage)
+            helpers = _descendants_cpu() - helpers - tasks_cpu
+            self.split.row("housekeeping: each task process (its usage)").samples.append(
+                tasks_cpu / self.tasks)
+            self.split.row("housekeeping: the starter and the inits").samples.append(
+                helpers / self.tasks)
         return last - start
+
+
+def _descendants_cpu() -> float:
+    """CPU seconds of every live descendant of this process and of what they reaped."""
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue  # NOTE: it ended between the listing and the read
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 class ProcessBatch(Batch):
@@ -120,7 +150,7 @@ class ProcessBatch(Batch):
 #: nothing else: the floor a light service would see (a fork costs more the
 #: more its parent has mapped).
 _LIGHT_LOOP = """
-import multiprocessing as mp, sys, time
+import multiprocessing as mp, os, sys, time
 from multiprocessing import connection
 def report(writer):
     writer.send_bytes(b"done")
@@ -142,7 +172,9 @@ if __name__ == "__main__":
             running.pop(reader).join()
             reader.close()
             done += 1
-    print(time.monotonic() - start, time.process_time() - cpu)
+    children = os.times()
+    print(time.monotonic() - start, time.process_time() - cpu,
+          children.children_user + children.children_system)
 """
 
 
@@ -159,9 +191,14 @@ class LightProcessBatch(Batch):
         answer = subprocess.run(
             [sys.executable, "-c", _LIGHT_LOOP, str(self.tasks), str(WORKERS)],
             capture_output=True, text=True, timeout=TIMEOUT, check=True)
-        seconds, cpu = (float(x) for x in answer.stdout.split())
+        seconds, cpu, children = (float(x) for x in answer.stdout.split())
         self.cpu.row(self.name).samples.append(cpu / self.tasks)
+        if self.split is not None:
+            self.split.row("bare, light parent: each child process").samples.append(
+                children / self.tasks)
         return self.tasks / seconds
+
+    split: Table | None = None
 
 
 class PoolBatch(Batch):
@@ -210,10 +247,17 @@ def run(options: Options) -> Section:
     rates = Table(f"tasks per second ({tasks} per sample, {WORKERS} at a time)", "tasks/s", [],
                   higher_is_better=True, digits=0)
     cpu = Table("CPU time of this (parent) process per task", "ms", [], scale=1000, digits=3)
+    split = Table("where the CPU time of a task goes, besides the parent's (above)", "ms",
+                  [], scale=1000, digits=3)
+    manager = ManagerBatch("housekeeping Manager(max_workers=2)", tasks, cpu)
+    light = LightProcessBatch(tasks, cpu)
+    manager.split = light.split = split
+    split.pairs = [("housekeeping: each task process (its usage)",
+                    "bare, light parent: each child process")]
     approaches: list[Approach] = [
-        ManagerBatch("housekeeping Manager(max_workers=2)", tasks, cpu),
+        manager,
         ProcessBatch("fork", tasks, cpu),
-        LightProcessBatch(tasks, cpu),
+        light,
         ProcessBatch("forkserver", tasks, cpu),
         PoolBatch("pebble", tasks, cpu),
         PoolBatch("ppe1", tasks, cpu),
@@ -222,7 +266,7 @@ def run(options: Options) -> Section:
         PoolBatch("loky", tasks, cpu),
     ]
     alternate(approaches, rounds, 1, rates)
-    section = Section(TITLE, [rates, cpu])
+    section = Section(TITLE, [rates, cpu, split])
     section.facts["tasks per approach"] = tasks * rounds
     section.notes += [
         "housekeeping: from the first run_task to the last SUCCEEDED event; every task "
@@ -231,6 +275,9 @@ def run(options: Options) -> Section:
         "parent': the same loop in a fresh interpreter that imports nothing else (a fork "
         "costs more the more its parent has mapped; this process has every peer loaded)",
         "pools: all tasks submitted at once, until the last future is done",
+        "where the CPU goes: a task process's usage is the kernel's (wait4, its exit "
+        "included); the starter and the inits are every other descendant; the bare "
+        "child's is the light loop's RUSAGE_CHILDREN",
         "CPU: time.process_time() of the benchmark process (the housekeeping loop and "
         "subscriber threads, or the pool's threads); helper processes not counted",
     ]
