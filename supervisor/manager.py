@@ -390,17 +390,11 @@ class Manager:
         Raises:
             TaskNotFound: the id is unknown, purged or the task already finished.
         """
-        ledger = self._ledger
-        with ledger.lock:
-            task = ledger.table.get(task_id)
-            if task is None or task.terminal:
-                raise TaskNotFound(f"task {task_id!r} not found or already finished")
+        with self._ledger.lock:
+            task = self._unfinished(task_id)
             if task.cancel_requested:
                 return
-            task.cancel_requested = True
-            queued = self._cancel_queued(task)
-            if not queued:  # running, or being handed over (canceled once started)
-                ledger.touch(task)
+            queued = self._request_cancel(task)
         if queued:
             self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
         else:
@@ -417,18 +411,33 @@ class Manager:
         Raises:
             TaskNotFound: the id is unknown, purged or the task already finished.
         """
-        ledger = self._ledger
-        with ledger.lock:
-            task = ledger.table.get(task_id)
-            if task is None or task.terminal:
-                raise TaskNotFound(f"task {task_id!r} not found or already finished")
-            if not task.cancel_requested:
-                task.cancel_requested = True
-                if self._cancel_queued(task):
-                    self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
-                    return
-                ledger.touch(task)
-        self._loop_thread.call(self._dispatcher.kill_running, task_id, str(reason)[:300])
+        with self._ledger.lock:
+            task = self._unfinished(task_id)
+            queued = not task.cancel_requested and self._request_cancel(task)
+        if queued:
+            self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
+        else:
+            self._loop_thread.call(self._dispatcher.kill_running, task_id, str(reason)[:300])
+
+    def _unfinished(self, task_id: str) -> Task:
+        """The task, unless unknown, purged or finished (caller holds the lock).
+
+        Raises:
+            TaskNotFound: it is not there, or already finished.
+        """
+        task = self._ledger.table.get(task_id)
+        if task is None or task.terminal:
+            raise TaskNotFound(f"task {task_id!r} not found or already finished")
+        return task
+
+    def _request_cancel(self, task: Task) -> bool:
+        """Mark the cancel (caller holds the lock); end the task now if it is still
+        queued (True), else publish the mark (a running task is told on the loop)."""
+        task.cancel_requested = True
+        if self._cancel_queued(task):
+            return True
+        self._ledger.touch(task)  # running, or being handed over (told once started)
+        return False
 
     def _cancel_queued(self, task: Task) -> bool:
         """End a queued task CANCELED (caller holds the lock); False if it was handed over."""
