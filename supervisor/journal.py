@@ -531,8 +531,7 @@ class Journal:
             with self._lock:
                 self._writing = {}
             return True
-        db = self._db
-        assert db is not None
+        db = self._writer()
         try:
             db.execute("BEGIN IMMEDIATE")
             for row in rows:
@@ -579,6 +578,22 @@ class Journal:
             elif task_id in self._tails:
                 self._tails[task_id] = (self._tails[task_id][0], seq)
         return True
+
+    def _writer(self) -> sqlite3.Connection:
+        """The writer's connection; opened again after the file was read-only (a
+        connection that opened it so stays read-only even once it may be written)."""
+        db = self._db
+        assert db is not None
+        if self._error is not None and "readonly" in self._error:
+            try:
+                fresh = self._connect()
+                self._prepare(fresh)
+            except sqlite3.Error:
+                return db
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._db = db = fresh
+        return db
 
     def _follow_tail(self, task_id: str, task_log: TaskLog) -> None:
         """Write this terminal task's log tail now, and again once its output ended."""
