@@ -140,7 +140,7 @@ def next_link(req: falcon.Request, last_id: str) -> str:
         if name != "after":
             pairs += [(name, item) for item in (value if isinstance(value, list) else [value])]
     pairs.append(("after", last_id))
-    return f'<{req.app}{req.path}?{urlencode(pairs)}>; rel="next"'
+    return f'<{req.root_path}{req.path}?{urlencode(pairs)}>; rel="next"'
 
 
 def total_count(manager: TaskManager, request: ListRequest,
