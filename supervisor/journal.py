@@ -166,6 +166,9 @@ class Journal:
         self._writing: dict[str, _Entry] = {}  #: taken by the writer, not yet committed
         self._pending_keys: list[tuple[str, KeyRecord]] = []
         self._pending_bytes = 0
+        #: the state last filed of each task in the table (a PATCH that changes
+        #: nothing but progress or messages is not written: see record())
+        self._filed_states: dict[str, str] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._closed = False
@@ -324,15 +327,25 @@ class Journal:
 
         ``task_log`` is the task's log, given with its terminal version so that
         the tail of it is recorded.
+
+        NOTE: a PATCH that leaves the state as it was (progress, a message, a
+        cancel request) is not written: a task is recorded at its creation, at
+        each state change and at its end, each time whole. Between them the
+        table has the newer version (reads ask it first); a running task's big
+        ``args`` are not written again twenty times a second.
         """
         with self._lock:
             if self._closed:
                 return
             old = self._pending.get(snapshot.id)
             if method == "DELETE":
+                self._filed_states.pop(snapshot.id, None)
                 if old is None:
                     self._file(_Entry(snapshot, None, False, True))
                 return  # NOTE: purged from the table, not from the journal
+            if method == "PATCH" and self._filed_states.get(snapshot.id) == snapshot.state:
+                return
+            self._filed_states[snapshot.id] = snapshot.state
             entry = _Entry(snapshot, task_log or (old.log if old else None),
                            method == "POST" or (old is not None and old.new), False)
             self._file(entry)

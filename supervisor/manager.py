@@ -160,18 +160,17 @@ class Manager:
         #: NEW records of the last run, by operation, until it is registered
         self._held: dict[str, list[TaskSnapshot]] = {}
         self._journal: Journal | None = None
-        if journal is not None:
-            self._open_journal(journal, retention, retention_tasks)
         self._backend = backend or LocalBackend(subreaper=subreaper, uid_range=uid_range)
         self._dispatcher = Dispatcher(
             self._ledger, self._backend, max_workers=max_workers,
             cancel_grace=self.cancel_grace, purge_delay=self.purge_delay,
             sandbox=self.sandbox, log_limit=log_limit)
-        # NOTE: with a journal, a graceful stop leaves queued tasks NEW there: they
-        # run after the restart.
-        self._dispatcher.keep_queued = self._journal is not None
         self._terminate_lock = threading.Lock()
         self._terminated = False
+        if journal is not None:
+            self._open_journal(journal, retention, retention_tasks)
+            # NOTE: a graceful stop then leaves queued tasks NEW: they run after the restart
+            self._dispatcher.keep_queued = True
 
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
