@@ -685,7 +685,9 @@ def _tail_json(task_log: TaskLog) -> bytes:
 def _decode(number: int, blob: bytes | str) -> TaskSnapshot | None:
     """A record back to a snapshot; None (logged) if it is not a task."""
     try:
-        return TaskSnapshot.from_wire(json.loads(blob), number)
+        # NOTE: the record is the task's JSON as the snapshot made it: kept, not re-encoded
+        data = blob if isinstance(blob, bytes) else blob.encode()
+        return TaskSnapshot.from_wire(json.loads(data), number, json_bytes=data)
     except (ValueError, KeyError, TypeError) as exc:
         log.error("journal: record %s is not a task: %s", number, exc)
         return None
