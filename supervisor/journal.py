@@ -49,6 +49,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,9 @@ _ENTRY_OVERHEAD = 256
 _DELETE_CHUNK = 5000
 #: Terminal tasks whose log tail is still followed until their output ends.
 _MAX_TAILS = 10_000
+#: Bytes of finished tasks read from the file that are kept for the next read
+#: (a client polls the task it created): a terminal record never changes.
+_CACHE_BYTES = 16 * 1024 * 1024
 
 _TERMINAL = frozenset({"CANCELED", "FAILED", "SUCCEEDED"})
 _UNFINISHED = ("NEW", "ACTIVE", "WAITING")
@@ -169,6 +173,9 @@ class Journal:
         #: the state last filed of each task in the table (a PATCH that changes
         #: nothing but progress or messages is not written: see record())
         self._filed_states: dict[str, str] = {}
+        #: finished tasks read from the file, least recently read first
+        self._cache: OrderedDict[str, TaskSnapshot] = OrderedDict()
+        self._cache_bytes = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._closed = False
@@ -346,6 +353,9 @@ class Journal:
             if method == "PATCH" and self._filed_states.get(snapshot.id) == snapshot.state:
                 return
             self._filed_states[snapshot.id] = snapshot.state
+            cached = self._cache.pop(snapshot.id, None)  # NOTE: an id made again (run_task_as)
+            if cached is not None:
+                self._cache_bytes -= cached.size
             entry = _Entry(snapshot, task_log or (old.log if old else None),
                            method == "POST" or (old is not None and old.new), False)
             self._file(entry)
@@ -402,10 +412,31 @@ class Journal:
         """The newest recorded version of a task, or None."""
         with self._lock:
             entry = self._pending.get(task_id) or self._writing.get(task_id)
-        if entry is not None:
-            return entry.snapshot
+            if entry is not None:
+                return entry.snapshot
+            cached = self._cache.get(task_id)
+            if cached is not None:
+                self._cache.move_to_end(task_id)
+                return cached
         row = self._read_one("SELECT number, json FROM tasks WHERE id = ?", (task_id,))
-        return None if row is None else _decode(row[0], row[1])
+        snapshot = None if row is None else _decode(row[0], row[1])
+        if snapshot is not None and snapshot.state in _TERMINAL:
+            with self._lock:
+                self._cache_snapshot(snapshot)
+        return snapshot
+
+    def _cache_snapshot(self, snapshot: TaskSnapshot) -> None:
+        """Keep a finished task read from the file (caller holds ``_lock``).
+
+        NOTE: only terminal versions: they never change, so a version cached
+        while a newer one is being written cannot exist.
+        """
+        if snapshot.id in self._cache or snapshot.size > _CACHE_BYTES // 16:
+            return
+        self._cache[snapshot.id] = snapshot
+        self._cache_bytes += snapshot.size
+        while self._cache_bytes > _CACHE_BYTES:
+            self._cache_bytes -= self._cache.popitem(last=False)[1].size
 
     def number_of(self, task_id: str) -> int | None:
         """A recorded task's creation number, or None."""
@@ -662,6 +693,9 @@ class Journal:
             self._fail(f"retention: {exc}")
             return
         if deleted:
+            with self._lock:
+                self._cache.clear()  # NOTE: some of them may be gone now
+                self._cache_bytes = 0
             log.debug("journal %s: %d finished record(s) past the retention deleted",
                       self.path, deleted)
 

@@ -287,3 +287,21 @@ def test_a_full_disk_is_reported_and_writing_resumes_once_there_is_room(
         wait_for(lambda: journal.status == "ok", message=lambda: journal.status)
         wait_for(lambda: len(rows(path)) == len(tasks))
         journal.close()
+
+
+def test_a_record_read_again_is_not_served_once_the_retention_deleted_it(
+        journal_path: Path, opened: list[Journal]) -> None:
+    journal = open_journal(opened, journal_path, retention_tasks=2)
+    tasks = [make_task(number) for number in range(1, 5)]
+    for task in tasks:
+        finish(task)
+    for task in tasks[:2]:
+        journal.record("POST", task.snapshot())
+    wait_for(lambda: len(rows(journal_path)) == 2)
+    for _ in range(2):  # NOTE: the second read is served without the file
+        first = journal.get(tasks[0].id)
+        assert first is not None and first.to_dict() == tasks[0].snapshot().to_dict()
+    for task in tasks[2:]:
+        journal.record("POST", task.snapshot())
+    wait_for(lambda: [row[0] for row in rows(journal_path)] == [t.id for t in tasks[2:]])
+    wait_for(lambda: journal.get(tasks[0].id) is None)  # NOTE: the cache goes after the rows
