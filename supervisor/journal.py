@@ -60,7 +60,10 @@ from supervisor.restart import ended_lost
 from supervisor.wire import TaskSnapshot, encode_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from supervisor.listing import TaskQuery
+    from supervisor.table import TaskTable
     from supervisor.tasklog import TaskLog
 
 log = logging.getLogger("housekeeping.journal")
@@ -364,6 +367,20 @@ class Journal:
                     and wanted > self._reserve_wanted:
                 self._reserve_wanted = wanted
 
+    def recorder(self, table: TaskTable) -> Callable[[str, TaskSnapshot], None]:
+        """The ledger's ``on_version`` hook: :meth:`record` each new version, with
+        the task's log when it is terminal (looked up in ``table``)."""
+
+        def record_version(method: str, snapshot: TaskSnapshot) -> None:
+            # NOTE: called under the manager's lock: it only files the snapshot.
+            task_log = None
+            if method == "PATCH" and snapshot.state in _TERMINAL:
+                task = table.get(snapshot.id)
+                task_log = task.log if task is not None else None
+            self.record(method, snapshot, task_log)
+
+        return record_version
+
     def record_key(self, key: str, record: KeyRecord) -> None:
         """File an idempotency key and the task it made."""
         with self._lock:
@@ -492,6 +509,19 @@ class Journal:
         except ValueError:
             return {"lines": [], "first": 1}
         return tail if isinstance(tail, dict) else {"lines": [], "first": 1}
+
+    def log_page(self, task_id: str, after: int = 0,
+                 limit: int | None = None) -> dict[str, Any] | None:
+        """A page of a recorded task's log tail, as ``Manager.get_log`` answers it
+        (``dropped``: the lines before the tail); None if the task has no record."""
+        tail = self.log_tail(task_id)
+        if tail is None:
+            return None
+        kept = [line for line in tail.get("lines", []) if line.get("seq", 0) > after]
+        lines = kept if limit is None else kept[:limit]
+        return {"lines": lines, "next": lines[-1]["seq"] if lines else after,
+                "dropped": max(0, int(tail.get("first", 1)) - 1),
+                "complete": len(lines) == len(kept)}
 
     def _read_one(self, sql: str, params: tuple[Any, ...]) -> Any:
         rows = self._read_all(sql, params)

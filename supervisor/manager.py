@@ -51,9 +51,9 @@ from supervisor.ledger import Ledger
 from supervisor.listing import check_limit, make_query, merge
 from supervisor.loop import LoopThread
 from supervisor.outcome import Outcome, OutcomeKind
-from supervisor.restart import REQUEUED, RESTARTED_BEFORE_START, task_from_record
+from supervisor.restart import take_back
 from supervisor.sandbox import DEFAULT_UID_RANGE, Sandbox, check_uid_range, containment
-from supervisor.states import TaskState, is_terminal
+from supervisor.states import TaskState
 from supervisor.task import Task, check_create
 from supervisor.tasklog import LineCallback
 from supervisor.wire import TaskSnapshot
@@ -194,17 +194,7 @@ class Manager:
             self._keys.remember(key, key_record)
         for snapshot in restored.queued:
             self._held.setdefault(snapshot.operation, []).append(snapshot)
-        table = self._ledger.table
-
-        def record_version(method: str, snapshot: TaskSnapshot) -> None:
-            # NOTE: called under the ledger's lock: the journal only files the snapshot.
-            task_log = None
-            if method == "PATCH" and is_terminal(TaskState(snapshot.state)):
-                task = table.get(snapshot.id)
-                task_log = task.log if task is not None else None
-            journal.record(method, snapshot, task_log)
-
-        self._ledger.on_version = record_version
+        self._ledger.on_version = journal.recorder(self._ledger.table)
 
     # -- public API ---------------------------------------------------------
 
@@ -276,45 +266,9 @@ class Manager:
             held = self._held.pop(operation, [])
         self._loop_thread.call(self._backend.prepare, registration)
         if held:
-            self._take_back(held, registration, requeue)
-
-    def _take_back(self, held: list[TaskSnapshot], registration: Registration,
-                   requeue: bool) -> None:
-        """Queue again (or cancel) the last run's queued tasks of one operation."""
-        ledger = self._ledger
-        canceled = []
-        with ledger.lock:
-            for snapshot in held:
-                try:
-                    task = task_from_record(snapshot)
-                except InvalidArguments as exc:
-                    log.error("task %s was not queued again: its record is malformed: %s",
-                              snapshot.id, exc)
-                    continue
-                task.registration = registration
-                if requeue:
-                    task.note(REQUEUED)
-                    task.touch()
-                ledger.table.add(task)
-                ledger.publish("POST", task)
-                if requeue:
-                    ledger.queue.append(task.id)
-                else:
-                    task.cancel_requested = True
-                    ledger.change(task, TaskState.CANCELED, outcome=Outcome(
-                        OutcomeKind.CANCELED_QUEUED, RESTARTED_BEFORE_START))
-                    canceled.append(task.id)
-            if requeue:
-                # NOTE: the oldest first, as they were queued before the restart
-                ordered = sorted(ledger.queue, key=lambda task_id: ledger.table.number_of(
-                    task_id) or 0)
-                ledger.queue.clear()
-                ledger.queue.extend(ordered)
-        log.info("%d %s task(s) of the last run %s", len(held), held[0].operation,
-                 "queued again" if requeue else "canceled (requeue=False)")
-        for task_id in canceled:
-            self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
-        self._loop_thread.call(self._dispatcher.dispatch)
+            for task_id in take_back(self._ledger, held, registration, requeue):
+                self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
+            self._loop_thread.call(self._dispatcher.dispatch)
 
     def registered_operations(self) -> list[str]:
         """The operations with an animator, sorted."""
@@ -660,7 +614,10 @@ class Manager:
             if task is not None:
                 task_log, terminal = task.log, task.terminal
         if task is None:
-            return self._recorded_log(task_id, after, limit)
+            page = self._journal.log_page(task_id, after, limit) if self._journal else None
+            if page is None:
+                raise TaskNotFound(f"task {task_id!r} not found")
+            return page
         if task_log is None:
             return {"lines": [], "next": after, "dropped": 0, "complete": terminal}
         # NOTE: closed is read before the lines: a log read complete has them all.
@@ -668,22 +625,6 @@ class Manager:
         lines, after = task_log.read(after, limit)
         return {"lines": lines, "next": after, "dropped": task_log.dropped,
                 "complete": complete and after >= task_log.next_seq - 1}
-
-    def _recorded_log(self, task_id: str, after: int, limit: int | None) -> dict[str, Any]:
-        """A page of the log tail the journal recorded for a purged task.
-
-        Raises:
-            TaskNotFound: no journal, or no record of the task.
-        """
-        tail = self._journal.log_tail(task_id) if self._journal is not None else None
-        if tail is None:
-            raise TaskNotFound(f"task {task_id!r} not found")
-        kept = [line for line in tail.get("lines", []) if line.get("seq", 0) > after]
-        lines = kept if limit is None else kept[:limit]
-        last = kept[-1]["seq"] if kept else after
-        return {"lines": lines, "next": lines[-1]["seq"] if lines else after,
-                "dropped": max(0, int(tail.get("first", 1)) - 1),
-                "complete": not lines or lines[-1]["seq"] >= last}
 
     def subscribe_log(self, task_id: str, callback: LineCallback, *,
                       after: int | None = None) -> Callable[[], None]:

@@ -20,10 +20,21 @@ restart sees the same task go on.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 from supervisor.consts import CONSTS
+from supervisor.errors import InvalidArguments
 from supervisor.outcome import Outcome, OutcomeKind
+from supervisor.states import TaskState
 from supervisor.task import Task, check_create
 from supervisor.wire import Message, TaskSnapshot, create_fields, utc_stamp
+
+if TYPE_CHECKING:
+    from supervisor.backend import Registration
+    from supervisor.ledger import Ledger
+
+log = logging.getLogger("housekeeping.supervisor")
 
 #: The message of a task queued again after a restart.
 REQUEUED = "queued again after a restart"
@@ -63,3 +74,44 @@ def task_from_record(snapshot: TaskSnapshot) -> Task:
     task.modified_at, task.time_modified = snapshot.modified_at, snapshot.time_modified
     task.messages.extend(Message(m.time, m.text) for m in snapshot.messages)
     return task
+
+
+def take_back(ledger: Ledger, held: list[TaskSnapshot], registration: Registration,
+              requeue: bool) -> list[str]:
+    """Put the last run's queued tasks of one operation (just registered) into the
+    table: queued again, oldest first, or (``requeue=False``) CANCELED.
+
+    Returns:
+        The ids of the tasks it canceled (to purge in due time).
+    """
+    canceled = []
+    with ledger.lock:
+        for snapshot in held:
+            try:
+                task = task_from_record(snapshot)
+            except InvalidArguments as exc:
+                log.error("task %s was not queued again: its record is malformed: %s",
+                          snapshot.id, exc)
+                continue
+            task.registration = registration
+            if requeue:
+                task.note(REQUEUED)
+                task.touch()
+            ledger.table.add(task)
+            ledger.publish("POST", task)
+            if requeue:
+                ledger.queue.append(task.id)
+            else:
+                task.cancel_requested = True
+                ledger.change(task, TaskState.CANCELED, outcome=Outcome(
+                    OutcomeKind.CANCELED_QUEUED, RESTARTED_BEFORE_START))
+                canceled.append(task.id)
+        if requeue:
+            # NOTE: the oldest first, ahead of tasks created since the start
+            ordered = sorted(ledger.queue,
+                             key=lambda task_id: ledger.table.number_of(task_id) or 0)
+            ledger.queue.clear()
+            ledger.queue.extend(ordered)
+    log.info("%d %s task(s) of the last run %s", len(held), held[0].operation,
+             "queued again" if requeue else "canceled (requeue=False)")
+    return canceled

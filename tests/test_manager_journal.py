@@ -115,6 +115,9 @@ def test_a_purged_task_and_its_log_are_answered_from_the_journal(
     page = m.get_log(task_id)
     assert page["complete"] and page["dropped"] == 0
     assert log_texts()[:2] == ["out 1", "out 2"] and log_texts("stderr")[0] == "err 1"
+    second = m.get_log(task_id, after=1, limit=1)
+    assert [line["seq"] for line in second["lines"]] == [2]
+    assert second["next"] == 2 and not second["complete"]
     assert [t["meta"]["id"] for t in m.list_tasks(history=True)] == [task_id]
     assert m.journal_status == "ok"
     with pytest.raises(TaskNotFound):
