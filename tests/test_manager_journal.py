@@ -50,7 +50,13 @@ def test_a_clean_stop_keeps_queued_tasks_and_they_run_after_the_restart(
     second.subscribe(events)
     # NOTE: until QUICK is registered, the queued tasks wait, readable from the journal
     assert second.get_task(queued[0])["state"] == "NEW"
+    second.register_animator("LATE", animators.Quick())
+    late = second.run_task({"operation": "LATE"})
+    wait_terminal(second, late)
     second.register_animator(QUICK, animators.Quick())
+    # the table lists them in creation order, the later task after them
+    assert [t["meta"]["id"] for t in second.list_tasks()] == [*queued, late]
+    assert [t["meta"]["id"] for t in second.list_tasks(after=queued[1])] == [queued[2], late]
     for task_id in queued:
         done = wait_terminal(second, task_id)
         assert done["state"] == "SUCCEEDED", done
@@ -58,11 +64,10 @@ def test_a_clean_stop_keeps_queued_tasks_and_they_run_after_the_restart(
         assert done["meta"]["version"] > before[task_id]["meta"]["version"]
         assert message_texts(done)[0] == "queued again after a restart"
     started = [e["task"]["meta"]["id"] for e in events.snapshot()
-               if e["task"]["state"] == "ACTIVE"]
+               if e["task"]["state"] == "ACTIVE" and e["task"]["operation"] == QUICK]
     assert started == queued  # in their original order
     assert second.get_task(running)["state"] == "CANCELED"
-    fresh = second.run_task({"operation": QUICK})
-    assert int(fresh[len(QUICK):]) > int(queued[-1][len(QUICK):])  # ids are never reused
+    assert int(late[len("LATE"):]) > int(queued[-1][len(QUICK):])  # ids are never reused
 
 
 def test_requeue_false_cancels_the_last_runs_queued_tasks(manager: Any, journal: Path) -> None:
