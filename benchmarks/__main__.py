@@ -31,6 +31,7 @@ BENCHMARKS = {
     "hostile": "benchmarks.hostile",
     "sandbox": "benchmarks.sandbox",
     "output": "benchmarks.task_output",
+    "journal": "benchmarks.journal",
 }
 #: Hard time limit of one benchmark (seconds): quick, full.
 LIMITS = {"quick": 60.0, "full": 300.0}

@@ -2,8 +2,8 @@
 
 Routes (``{id}`` is a task id)::
 
-    GET  /api/v1/tasks              TaskCollection   list (?operation=)
-    POST /api/v1/tasks              TaskCollection   create
+    GET  /api/v1/tasks              TaskCollection   list, a page (rest.listing)
+    POST /api/v1/tasks              TaskCollection   create (Idempotency-Key)
     GET  /api/v1/tasks/{id}         TaskItem
     POST /api/v1/tasks/{id}/cancel  TaskCancel
     GET  /api/v1/tasks/{id}/log     TaskLogLines     JSON page, or SSE with ?follow=true
@@ -37,6 +37,7 @@ from rest.resources import API_PREFIX, Health, TaskCancel, TaskCollection, TaskI
 from rest.stream import EventStreams, TaskEvents
 from supervisor import (
     BackendUnavailable,
+    IdempotencyConflict,
     InvalidAnimator,
     InvalidArguments,
     ManagerTerminated,
@@ -63,6 +64,7 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, dict[str, str]]] = {
     InvalidAnimator: (400, {}),
     TaskNotFound: (404, {}),
     UnsupportedOperation: (409, {}),
+    IdempotencyConflict: (422, {}),
     QueueFull: (429, {"Retry-After": str(RETRY_AFTER_QUEUE_FULL)}),
     ManagerTerminated: (503, {}),
     BackendUnavailable: (503, {"Retry-After": str(RETRY_AFTER_BACKEND)}),

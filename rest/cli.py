@@ -30,6 +30,7 @@ RET_ANIMATORS = 5  # An --animators spec is malformed, fails to import, or its f
 RET_BIND = 6  # Could not listen on --host/--port.
 RET_WRONG_SUPERVISOR = 7  # `import supervisor` found another package (supervisord's).
 RET_DASK = 8  # --dask: distributed is not installed, or the scheduler cannot be reached.
+RET_JOURNAL = 9  # --journal cannot be opened or read, or another process has it open.
 
 _SPEC = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,6 +85,10 @@ DEFAULT_MAX_QUEUED = 10_000
 # NOTE: supervisor.manager.DEFAULT_LOG_LIMIT, not imported: the parser is built
 # before check_supervisor_package() may say that `supervisor` is someone else's.
 DEFAULT_LOG_LIMIT = 1024 * 1024
+#: ``--retention`` and ``--retention-tasks`` by default (supervisor.journal's, not
+#: imported for the same reason).
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+DEFAULT_RETENTION_TASKS = 100_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-limit", type=_positive, default=DEFAULT_LOG_LIMIT, metavar="BYTES",
         help="bytes of output (stdout, stderr) kept per task, its newest lines "
              "(default: %(default)s, 1 MiB)")
+    add("--journal", metavar="PATH",
+        help="record every task in this SQLite file (made if absent), so that records "
+             "survive a restart: queued tasks run after it, finished ones stay fetchable")
+    add("--retention", type=_positive_seconds, default=DEFAULT_RETENTION, metavar="S",
+        help="with --journal: seconds a finished task's record is kept (default: "
+             "%(default)s, 7 days)")
+    add("--retention-tasks", type=_positive, default=DEFAULT_RETENTION_TASKS, metavar="N",
+        help="with --journal: records kept at most, the oldest finished deleted first "
+             "(default: %(default)s)")
     add("--threads", type=_positive, default=8, metavar="N",
         help="waitress request threads (default: %(default)s)")
     add("--max-streams", type=_positive, default=None, metavar="N",
@@ -179,7 +193,7 @@ def serve(args: argparse.Namespace) -> int:
     # the README lists (Prometheus computes rates without them). An embedding
     # application keeps prometheus-client's default unless it turns them off.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    from supervisor import InvalidAnimator, Manager
+    from supervisor import InvalidAnimator, JournalError, Manager
     from supervisor.linux import return_large_blocks
 
     stop = install_signal_handlers()
@@ -198,11 +212,18 @@ def serve(args: argparse.Namespace) -> int:
             subreaper=backend is None,
             backend=backend,
             sandbox=_sandbox(args),
+            journal=args.journal,
+            retention=args.retention,
+            retention_tasks=args.retention_tasks,
         )
     except InvalidAnimator as exc:
         if backend is not None:
             backend.kill_everything()
         raise CommandError(RET_USAGE, f"sandbox: {exc}") from None
+    except JournalError as exc:
+        if backend is not None:
+            backend.kill_everything()
+        raise CommandError(RET_JOURNAL, str(exc)) from None
     except BaseException:
         if backend is not None:
             backend.kill_everything()
@@ -235,6 +256,8 @@ def serve(args: argparse.Namespace) -> int:
             ) from None
         log.info("operations: %s", ", ".join(manager.registered_operations()) or "none")
         log.info("containment: %s (%s)", manager.containment, _describe(manager.sandbox))
+        if args.journal:
+            log.info("journal: %s (%s)", args.journal, manager.journal_status)
         ok = server.serve_until_stopped(handlers, manager.terminate, sys.stdout)
     finally:
         manager.terminate()

@@ -2,7 +2,7 @@
 
 Commands::
 
-    tasks list [--operation OP] [--state S] [--json]
+    tasks list [--operation OP] [--state S ...] [--object-id X] [--history] [--limit N] [--json]
     tasks get ID [--json]
     tasks create OP [--object-id X] [--args JSON] [--wait [--logs]] [--json]
     tasks cancel ID [--json]
@@ -19,6 +19,14 @@ merges what it gets by ``meta.version``. Following a log (``logs --follow``,
 the server drops it for being slow, reconnects with ``after=`` the last seq
 seen, so no line is shown twice or skipped. Every failure ends with one line
 on stderr and one of the ``RET_*`` codes, never a traceback.
+
+``list`` reads page after page (each page's ``Link: rel="next"`` names the
+``after`` of the next; only that id is taken from it, never a URL, so that
+the token goes to no other server). ``create`` sends a fresh
+``Idempotency-Key`` and, when the connection breaks or the server answers
+502/503/504, sends the same request again with the same key: the server
+answers a repeat with the task the first one made, so a retry never runs
+the work twice.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -65,6 +75,12 @@ OPENED: Event = {"method": "OPENED"}
 
 #: Lines asked for per ``GET /tasks/{id}/log`` page (the server allows up to 10,000).
 LOG_PAGE = 1000
+#: Tasks asked for per ``GET /tasks`` page (the server allows up to 10,000).
+TASK_PAGE = 1000
+#: Pauses before each retry of a create, in seconds (then it gives up).
+CREATE_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
+#: Statuses after which a create is sent again (with the same Idempotency-Key).
+_RETRIED_STATUSES = frozenset({502, 503, 504})
 #: Seconds ``create --wait --logs`` waits, once the task ended, for the end of its log.
 LOG_DRAIN = 5.0
 
@@ -72,9 +88,10 @@ LOG_DRAIN = 5.0
 class ClientError(Exception):
     """Raised to end a client command with a one-line message and an exit code."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status  #: the HTTP status the server answered, if it did
 
 
 class ApiClient:
@@ -87,13 +104,15 @@ class ApiClient:
         *,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """Talk to the server at ``url`` (``transport``: a test shim)."""
+        """Talk to the server at ``url`` (``transport``, ``sleep``: test shims)."""
         headers = {"Accept": "application/json", "User-Agent": "housekeeping-cli"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.url = url.rstrip("/")
         self._timeout = timeout
+        self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
@@ -108,12 +127,18 @@ class ApiClient:
         Raises:
             ClientError: the server is unreachable, or answered an error.
         """
+        return self._json(self._send(method, path, **kwargs))
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, API_PREFIX + path, **kwargs)
         except httpx.HTTPError as exc:
             raise self._connection_error(exc) from None
         if response.is_error:
             raise self._http_error(response)
+        return response
+
+    def _json(self, response: httpx.Response) -> Any:
         try:
             return response.json()
         except ValueError:
@@ -121,18 +146,51 @@ class ApiClient:
                 RET_API, f"{self.url} answered {response.status_code} but not with JSON "
                 "(is it a housekeeping server?)") from None
 
-    def list_tasks(self, operation: str | None = None) -> list[Task]:
-        """``GET /tasks``."""
-        params = {"operation": operation} if operation else None
-        return list(self.request("GET", "/tasks", params=params))
+    def list_tasks(self, operation: str | None = None, *, states: list[str] | None = None,
+                   object_id: str | None = None, history: bool = False,
+                   limit: int | None = None) -> list[Task]:
+        """``GET /tasks``, page after page until the last (or ``limit`` tasks)."""
+        params: list[tuple[str, str]] = [("operation", operation)] if operation else []
+        params += [("state", state) for state in states or []]
+        if object_id is not None:
+            params.append(("objectId", object_id))
+        if history:
+            params.append(("history", "true"))
+        tasks: list[Task] = []
+        after = None
+        while limit is None or len(tasks) < limit:
+            page = TASK_PAGE if limit is None else min(TASK_PAGE, limit - len(tasks))
+            query = [*params, ("limit", str(page))] + ([("after", after)] if after else [])
+            response = self._send("GET", "/tasks", params=query)
+            listed = self._json(response)
+            if not isinstance(listed, list):
+                raise ClientError(RET_API, f"{self.url} answered a list of tasks that is "
+                                           "not a list")
+            tasks += listed
+            after = _next_after(response)
+            if after is None or not listed:
+                break
+        return tasks
 
     def get_task(self, task_id: str) -> Task:
         """``GET /tasks/{id}``."""
         return dict(self.request("GET", f"/tasks/{_quote(task_id)}"))
 
-    def create_task(self, body: dict[str, Any]) -> Task:
-        """``POST /tasks``."""
-        return dict(self.request("POST", "/tasks", json=body))
+    def create_task(self, body: dict[str, Any], idempotency_key: str | None = None) -> Task:
+        """``POST /tasks`` with an ``Idempotency-Key`` (a fresh one by default), sent
+        again with the same key while the connection breaks or the server answers
+        502/503/504 (see :data:`CREATE_RETRY_DELAYS`)."""
+        key = idempotency_key or secrets.token_urlsafe(24)
+        headers = {"Idempotency-Key": key}
+        for delay in (*CREATE_RETRY_DELAYS, None):
+            try:
+                return dict(self.request("POST", "/tasks", json=body, headers=headers))
+            except ClientError as exc:
+                retry = exc.code == RET_CONNECTION or exc.status in _RETRIED_STATUSES
+                if not retry or delay is None:
+                    raise
+            self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def cancel_task(self, task_id: str) -> Task:
         """``POST /tasks/{id}/cancel``."""
@@ -196,10 +254,20 @@ class ApiClient:
         status = response.status_code
         if status == 401:
             return ClientError(
-                RET_AUTH, f"401 unauthorized: {message} (give --token or set HOUSEKEEPING_TOKEN)")
+                RET_AUTH, f"401 unauthorized: {message} (give --token or set HOUSEKEEPING_TOKEN)",
+                status)
         if status == 403:
-            return ClientError(RET_AUTH, f"403 forbidden: {message}")
-        return ClientError(RET_API, f"{status}: {message}")
+            return ClientError(RET_AUTH, f"403 forbidden: {message}", status)
+        return ClientError(RET_API, f"{status}: {message}", status)
+
+
+def _next_after(response: httpx.Response) -> str | None:
+    """The ``after`` of the next page, from ``Link: <...>; rel="next"``; None on the last."""
+    link = response.links.get("next")
+    if not link:
+        return None
+    values = parse_qs(urlsplit(link.get("url", "")).query).get("after")
+    return values[-1] if values else None
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
@@ -429,9 +497,17 @@ def add_tasks_parser(commands: Any) -> None:
     sub = tasks.add_subparsers(dest="tasks_command", metavar="COMMAND", required=True)
     show_json = {"action": "store_true", "help": "print the API's JSON instead of a table"}
 
-    listing = sub.add_parser("list", parents=[common], help="list tasks")
+    listing = sub.add_parser("list", parents=[common],
+                             help="list tasks (every page), in creation order")
     listing.add_argument("--operation", metavar="OP", help="only tasks of this operation")
-    listing.add_argument("--state", choices=STATES, type=str.upper, help="only tasks in S")
+    listing.add_argument("--state", choices=STATES, type=str.upper, action="append",
+                         help="only tasks in S; repeat for any of several states")
+    listing.add_argument("--object-id", metavar="X", help="only tasks with this objectId")
+    listing.add_argument("--history", action="store_true",
+                         help="with a journal on the server: also the recorded tasks no "
+                              "longer in its table")
+    listing.add_argument("--limit", type=_positive_arg, metavar="N",
+                         help="at most N tasks (default: all)")
     listing.add_argument("--json", **show_json)
 
     get = sub.add_parser("get", parents=[common], help="show one task")
@@ -514,9 +590,8 @@ def _print_json(console: Console, value: Any) -> None:
 
 
 def _list(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
-    tasks = api.list_tasks(args.operation)
-    if args.state:
-        tasks = [task for task in tasks if task.get("state") == args.state]
+    tasks = api.list_tasks(args.operation, states=args.state, object_id=args.object_id,
+                           history=args.history, limit=args.limit)
     if args.json:
         _print_json(console, tasks)
     elif tasks:
@@ -648,6 +723,13 @@ def _logs(api: ApiClient, args: argparse.Namespace, console: Console) -> int:
                 RET_API, f"task {args.id} was purged before its outcome was seen") from None
         raise
     return outcome_code([task])
+
+
+def _positive_arg(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _seq_arg(text: str) -> int:

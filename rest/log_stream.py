@@ -31,6 +31,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from rest.errors import ApiError, encode_json
+from rest.listing import flag_param as _flag_param
+from rest.listing import single_param as _single_param
 from rest.resources import check_task_id, not_found, send_json
 from rest.stream import SseStream
 from supervisor import TaskNotFound
@@ -160,14 +162,6 @@ class TaskLogLines:
         resp.stream = stream
 
 
-def _single_param(req: falcon.Request, name: str) -> str | None:
-    """The parameter's one value; None if absent; 400 if it is given twice."""
-    value = req.params.get(name)
-    if isinstance(value, list):
-        raise ApiError(400, f"query parameter {name!r} is given more than once")
-    return value
-
-
 def _count_param(req: falcon.Request, name: str, *, least: int,
                  most: int | None = None) -> int | None:
     """An integer parameter within bounds, None if absent (400 otherwise)."""
@@ -179,16 +173,6 @@ def _count_param(req: falcon.Request, name: str, *, least: int,
                                                            and int(text) > most):
         raise ApiError(400, f"query parameter {name!r} must be an integer {bounds}")
     return int(text)
-
-
-def _flag_param(req: falcon.Request, name: str) -> bool:
-    """A ``true``/``false`` parameter; absent is false."""
-    text = _single_param(req, name)
-    if text is None or text == "false":
-        return False
-    if text == "true":
-        return True
-    raise ApiError(400, f"query parameter {name!r} must be true or false")
 
 
 def _last_event_id(req: falcon.Request) -> int | None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rest.errors import JSON_TYPE, encode_json
+from rest.listing import DEFAULT_LIMIT, MAX_LIMIT
 from rest.log_stream import DEFAULT_PAGE, MAX_AFTER, MAX_PAGE
 from rest.resources import API_PREFIX
 from rest.validation import MAX_BODY_BYTES, MAX_DEPTH, MAX_NAME_LENGTH
+from supervisor.idempotency import KEY_PATTERN
 from supervisor.outcome import OutcomeKind
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ _ERRORS: dict[str, str] = {
     "404": "No such task (unknown, purged, or for cancel: already finished), or one the "
            "caller may not view (the same answer, so that ids cannot be probed).",
     "409": "No animator is registered for the operation.",
+    "422": "The Idempotency-Key was used before with another request body (within 24 h).",
     "413": f"The request body is larger than {MAX_BODY_BYTES} bytes.",
     "415": "The request body is not declared as UTF-8 JSON (Content-Type).",
     "429": "The queue of waiting tasks is full; retry after the given delay.",
@@ -59,6 +62,49 @@ _OPERATION_FILTER: Schema = {
     "required": False,
     "description": "Only tasks of this operation; absent or empty means all.",
     "schema": {"type": "string"},
+}
+_ID_PATTERN = f"^[A-Za-z0-9_-]{{1,{MAX_NAME_LENGTH}}}$"
+_LIST_PARAMETERS: list[Schema] = [
+    _OPERATION_FILTER,
+    {"name": "state", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "Only tasks in this state; repeat it for any of several states "
+                    "(state=NEW&state=ACTIVE).",
+     "schema": {"type": "array", "items": {"$ref": "#/components/schemas/TaskState"}}},
+    {"name": "objectId", "in": "query", "required": False,
+     "description": "Only tasks with this objectId.",
+     "schema": {"type": "string", "maxLength": MAX_NAME_LENGTH}},
+    {"name": "after", "in": "query", "required": False,
+     "description": "Only tasks created after the task with this id (the last one of the "
+                    "previous page; the Link header carries it). 400 if no such task is "
+                    "known.",
+     "schema": {"type": "string", "pattern": _ID_PATTERN}},
+    {"name": "limit", "in": "query", "required": False,
+     "description": "At most this many tasks in the page.",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                "default": DEFAULT_LIMIT}},
+    {"name": "history", "in": "query", "required": False,
+     "description": "true: with a journal, also the recorded tasks no longer in the "
+                    "in-memory table (purged, or from before a restart).",
+     "schema": {"type": "boolean", "default": False}},
+]
+_LIST_HEADERS: Schema = {
+    "Link": {"required": False,
+             "description": 'The next page: <URL with after=the last task of this page>; '
+                            'rel="next". Absent on the last page, also when it is exactly '
+                            "full.",
+             "schema": {"type": "string"}},
+    "X-Total-Count": {"required": False,
+                      "description": "On a first page (no after), without objectId and "
+                                     "history: how many tasks in the table match the "
+                                     "filters and the caller may view.",
+                      "schema": {"type": "integer", "minimum": 0}},
+}
+_IDEMPOTENCY_KEY: Schema = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Makes a retried create safe: the same key with the same body within "
+                   "24 h answers 200 with the task the first request made (and "
+                   "Idempotent-Replayed: true), creating nothing; with another body, 422.",
+    "schema": {"type": "string", "pattern": f"^{KEY_PATTERN.pattern}$"},
 }
 _TASK_ID: Schema = {
     "name": "id",
@@ -312,9 +358,14 @@ _SCHEMAS: dict[str, Schema] = {
                             "description": "How task trees are held by default."},
             "eventStreams": {"type": "integer", "minimum": 0,
                              "description": "Event streams open now."},
+            "journal": {"type": "string",
+                        "description": "With a journal only: \"ok\", or what is wrong "
+                                       "with it (the last write's error, or changes "
+                                       "dropped). The server serves either way."},
         },
         "additionalProperties": {"type": "integer", "minimum": 0,
-                                 "description": "The number of tasks in a state."},
+                                 "description": "The number of tasks in a state (in the "
+                                                "in-memory table)."},
     },
 }
 
@@ -378,17 +429,29 @@ def build_document(*, auth: bool) -> dict[str, Any]:
     paths: dict[str, Schema] = {
         f"{API_PREFIX}/tasks": {
             "get": operation(
-                "listTasks", "List the tasks the caller may view, in creation order.",
-                {"200": {"description": "The tasks.",
+                "listTasks", "List a page of the tasks the caller may view, in creation "
+                             "order.",
+                {"200": {"description": "The page's tasks.",
+                         "headers": _LIST_HEADERS,
                          "content": _json({"type": "array", "items": _ref("Task")})}},
-                ["401"], parameters=[_OPERATION_FILTER]),
+                ["400", "401"], parameters=_LIST_PARAMETERS),
             "post": operation(
                 "createTask", "Create a task.",
                 {"201": {"description": "The task, queued (NEW) or already running.",
                          "headers": {"Location": {"description": "The task's URL path.",
                                                   "schema": {"type": "string"}}},
+                         "content": _json(task_or_stub)},
+                 "200": {"description": "A repeat of an earlier create with the same "
+                                        "Idempotency-Key and body: the task it made, as "
+                                        "it is now.",
+                         "headers": {
+                             "Location": {"description": "The task's URL path.",
+                                          "schema": {"type": "string"}},
+                             "Idempotent-Replayed": {"description": "true",
+                                                     "schema": {"const": "true"}}},
                          "content": _json(task_or_stub)}},
-                ["400", "401", "403", "409", "413", "415", "429", "503"],
+                ["400", "401", "403", "409", "413", "415", "422", "429", "503"],
+                parameters=[_IDEMPOTENCY_KEY],
                 requestBody={"required": True, "content": _json(_ref("TaskCreate"))}),
         },
         f"{API_PREFIX}/tasks/{{id}}": {

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rest.errors import JSON_TYPE, ApiError, encode_json
+from rest.listing import next_link, parse_list_request, select_page, total_count
 from rest.validation import MAX_NAME_LENGTH, parse_create
 from supervisor import TaskNotFound
+from supervisor.idempotency import KEY_PATTERN, Created
 from supervisor.wire import ChangeEvent, TaskSnapshot
 
 if TYPE_CHECKING:
@@ -34,14 +36,23 @@ Event = dict[str, Any]
 class TaskManager(Protocol):
     """What the REST layer needs of a manager (``supervisor.Manager`` fits)."""
 
-    def run_task(self, create: dict[str, Any]) -> str:
+    def run_task(self, create: dict[str, Any], idempotency_key: str | None = None) -> str:
         """Validate and queue a task; return its id."""
+
+    def create_task(self, create: dict[str, Any], *,
+                    idempotency_key: str | None = None) -> Created:
+        """Validate and queue a task (or, for a known idempotency key, find the one it
+        made); return its id and whether it was made before."""
 
     def get_snapshot(self, task_id: str) -> TaskSnapshot:
         """Return the task's current snapshot (its JSON, its operation, ...)."""
 
-    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
-        """Return the tasks' snapshots, in creation order, optionally of one operation."""
+    def list_snapshots(self, operation: str | None = None, *,
+                       state: str | Iterable[str] | None = None, object_id: str | None = None,
+                       after: str | None = None, limit: int | None = None,
+                       history: bool = False) -> list[TaskSnapshot]:
+        """Return the tasks' snapshots that match the filters, in creation order, after
+        the task ``after`` (ValueError if it is unknown), at most ``limit``."""
 
     def cancel_task(self, task_id: str) -> None:
         """Ask a task to stop."""
@@ -70,6 +81,10 @@ class TaskManager(Protocol):
     @property
     def containment(self) -> str:
         """How task trees are held by default: ``"pid-namespace"`` or ``"subreaper"``."""
+
+    @property
+    def journal_status(self) -> str | None:
+        """``"ok"`` or what is wrong with the journal; None without one."""
 
     def counts(self) -> dict[str, int]:
         """Return the number of tasks by state."""
@@ -132,28 +147,53 @@ class TaskCollection:
         self._guard = guard
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """List the tasks the caller may view, in creation order."""
+        """List a page of the tasks the caller may view, in creation order (see
+        :mod:`rest.listing`)."""
         subject = self._guard.authenticate(req)
-        tasks = self._manager.list_snapshots(operation_param(req))
+        request = parse_list_request(req)
+        visible = None
         if self._guard.enabled:
-            tasks = [t for t in tasks if self._guard.allows("view", subject, t.operation)]
+            def visible(operation: str) -> bool:
+                return self._guard.allows("view", subject, operation)
+        tasks, more = select_page(self._manager, request, visible)
+        if more:
+            resp.set_header("Link", next_link(req, tasks[-1].id))
+        if request.after is None:
+            total = total_count(self._manager, request, visible)
+            if total is not None:
+                resp.set_header("X-Total-Count", str(max(total, len(tasks))))
         resp.content_type = JSON_TYPE
         resp.data = b"[" + b",".join(task.json() for task in tasks) + b"]"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Create a task: 201 with the task and its ``Location``."""
+        """Create a task: 201 with the task and its ``Location``; with an
+        ``Idempotency-Key`` already used for the same body, 200 with the first task
+        and ``Idempotent-Replayed: true``."""
         subject = self._guard.authenticate(req)
+        key = idempotency_key(req)
         create = parse_create(req)
         operation: str = create["operation"]
         self._guard.require("create", subject, operation)
-        # NOTE: run_task reports any exception from the animator's validate()
+        # NOTE: create_task reports any exception from the animator's validate()
         # as InvalidArguments (400); errors map to HTTP in app.py.
-        task_id = self._manager.run_task(create)
+        task_id, replayed = self._manager.create_task(create, idempotency_key=key)
         resp.location = f"{API_PREFIX}/tasks/{task_id}"
+        status = 200 if replayed else 201
+        if replayed:
+            resp.set_header("Idempotent-Replayed", "true")
         try:
-            send_snapshot(resp, self._manager.get_snapshot(task_id), 201)
+            send_snapshot(resp, self._manager.get_snapshot(task_id), status)
         except TaskNotFound:
-            send_json(resp, purged_stub(task_id, operation), 201)
+            send_json(resp, purged_stub(task_id, operation), status)
+
+
+def idempotency_key(req: falcon.Request) -> str | None:
+    """The ``Idempotency-Key`` header, checked (400 if malformed); None if absent."""
+    key = req.get_header("Idempotency-Key")
+    if key is not None and not KEY_PATTERN.fullmatch(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 128 characters of A-Z, a-z, "
+                            "0-9, _, . and -")
+    return key
 
 
 class TaskItem:
@@ -214,10 +254,13 @@ class Health:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Return ``{"status": "ok", <state>: <count>, ..., "operations", "containment",
-        "eventStreams"}``."""
+        "eventStreams"}``, and ``"journal"`` (``"ok"`` or its error) if there is one."""
         body: dict[str, Any] = {"status": "ok"}
         body.update(self._manager.counts())
         body["operations"] = self._manager.registered_operations()
         body["containment"] = self._manager.containment
         body["eventStreams"] = self._open_streams()
+        journal = self._manager.journal_status
+        if journal is not None:
+            body["journal"] = journal
         send_json(resp, body)

@@ -86,5 +86,21 @@ class Consts:
     #: client, an owned LocalCluster (together within terminate()'s budget).
     dask_close_step_timeout: float = 3.0
 
+    # -- the journal (supervisor.journal) -------------------------------------------
+    #: How long the journal's writer gathers changes before it commits them as one
+    #: transaction: a change is committed within this plus the write (spec: 100 ms).
+    journal_batch_interval: float = 0.05
+    #: How often finished records beyond the retention are deleted (at most this
+    #: long apart; sooner when the record count is over its bound).
+    journal_retention_interval: float = 10.0
+    #: Bytes of changes the writer may hold, not yet written (a failing disk);
+    #: beyond it new records are dropped and the journal reports the loss.
+    journal_backlog_bytes: int = 64 * 1024 * 1024
+    #: Longest pause between the writer's attempts while the disk fails (it starts
+    #: at the batch interval and doubles).
+    journal_retry_max: float = 5.0
+    #: How long closing the journal waits for the writer's last commit.
+    journal_close_timeout: float = 10.0
+
 
 CONSTS = Consts()

@@ -89,6 +89,8 @@ class Dispatcher:
         self.sandbox = sandbox  #: Host: the default of every operation, as in effect here
         self.purge_delay = purge_delay
         self.log_limit = log_limit
+        #: leave queued tasks NEW at shutdown (a journal keeps them for the next run)
+        self.keep_queued = False
         self._report_gates: dict[str, _ReportGate] = {}
         #: the logs of started tasks whose output has not ended, by task id
         self._open_logs: dict[str, tuple[TaskLog, str]] = {}
@@ -393,11 +395,11 @@ class Dispatcher:
         with ledger.lock:
             for task_id in ledger.queue:
                 task = ledger.table.get(task_id)
-                if task is not None:
+                if task is not None and not self.keep_queued:
                     task.cancel_requested = True
                     ledger.change(task, TaskState.CANCELED, outcome=Outcome(
                         OutcomeKind.CANCELED_QUEUED, "canceled: the manager is terminating"))
-            ledger.queue.clear()
+            ledger.queue.clear()  # NOTE: with keep_queued they stay NEW, in the journal too
             for task_id in ledger.running:
                 task = ledger.table.get(task_id)
                 if task is not None and not task.cancel_requested:

@@ -35,6 +35,11 @@ class IdempotencyConflict(HousekeepingError):
     """Raised when an idempotency key comes again with another task than its first."""
 
 
+class JournalError(HousekeepingError):
+    """Raised when the journal cannot be opened or read at start (not while it runs:
+    a failing disk then is reported, never raised)."""
+
+
 class BackendUnavailable(HousekeepingError):
     """Raised when the place tasks run cannot take new ones now (say, a lost cluster)."""
 

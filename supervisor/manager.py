@@ -28,7 +28,7 @@ import pickle
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -45,9 +45,13 @@ from supervisor.errors import (
     UnsupportedOperation,
 )
 from supervisor.events import Callback, EventHub, RawCallback
+from supervisor.idempotency import Created, KeyRecord, KeyStore, body_digest, check_key
+from supervisor.journal import DEFAULT_RETENTION, DEFAULT_RETENTION_TASKS, Journal
 from supervisor.ledger import Ledger
+from supervisor.listing import check_limit, make_query, merge
 from supervisor.loop import LoopThread
 from supervisor.outcome import Outcome, OutcomeKind
+from supervisor.restart import take_back
 from supervisor.sandbox import DEFAULT_UID_RANGE, Sandbox, check_uid_range, containment
 from supervisor.states import TaskState
 from supervisor.task import Task, check_create
@@ -85,10 +89,16 @@ class Manager:
             last (default 61184-65519, systemd's DynamicUser range). For the
             default local backend.
         log_limit: bytes of output kept per task (its newest lines; 1 MiB).
+        journal: an SQLite file (made if absent) that records every task, so that
+            records survive a restart: see the README, "Records that survive a
+            restart". Without it everything lives in memory.
+        retention: seconds a finished task's record is kept in the journal.
+        retention_tasks: records the journal keeps at most (the oldest finished go).
 
     Raises:
         ValueError: a limit is out of range.
         InvalidAnimator: ``sandbox`` asks for what this machine cannot give.
+        JournalError: the journal cannot be opened or read, or another process has it.
     """
 
     def __init__(
@@ -103,6 +113,9 @@ class Manager:
         sandbox: Sandbox | None = None,
         uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
         log_limit: int = DEFAULT_LOG_LIMIT,
+        journal: str | os.PathLike[str] | None = None,
+        retention: float = DEFAULT_RETENTION,
+        retention_tasks: int = DEFAULT_RETENTION_TASKS,
     ) -> None:
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
@@ -125,6 +138,9 @@ class Manager:
         uid_range = check_uid_range(uid_range)
         if not isinstance(log_limit, int) or isinstance(log_limit, bool) or log_limit < 1:
             raise ValueError("log_limit must be an integer >= 1 (bytes)")
+        if not _is_number(retention) or retention <= 0:
+            raise ValueError("retention must be a number of seconds > 0")
+        _check_count("retention_tasks", retention_tasks, 1)
         self._requested_sandbox = sandbox or Sandbox()
         self.sandbox = self._requested_sandbox.effective()
         if self.sandbox.private_pids is False and (sandbox is None
@@ -140,6 +156,10 @@ class Manager:
 
         self._events = EventHub(CONSTS.subscriber_backlog, CONSTS.subscriber_backlog_bytes)
         self._ledger = Ledger(self._events)
+        self._keys = KeyStore()  #: idempotency keys (under the ledger's lock)
+        #: NEW records of the last run, by operation, until it is registered
+        self._held: dict[str, list[TaskSnapshot]] = {}
+        self._journal: Journal | None = None
         self._backend = backend or LocalBackend(subreaper=subreaper, uid_range=uid_range)
         self._dispatcher = Dispatcher(
             self._ledger, self._backend, max_workers=max_workers,
@@ -147,6 +167,10 @@ class Manager:
             sandbox=self.sandbox, log_limit=log_limit)
         self._terminate_lock = threading.Lock()
         self._terminated = False
+        if journal is not None:
+            self._open_journal(journal, retention, retention_tasks)
+            # NOTE: a graceful stop then leaves queued tasks NEW: they run after the restart
+            self._dispatcher.keep_queued = True
 
         self._loop_thread = LoopThread(f"housekeeping-manager-{next(_manager_numbers)}")
         self._loop_thread.start()
@@ -154,7 +178,23 @@ class Manager:
             self._loop_thread.run(self._dispatcher.open())
         except BaseException:
             self._loop_thread.stop()
+            if self._journal is not None:
+                self._journal.close()
             raise
+
+    def _open_journal(self, path: str | os.PathLike[str], retention: float,
+                      retention_tasks: int) -> None:
+        """Open the journal, continue after its ids, take its keys and hold its queued
+        tasks until their operation is registered."""
+        journal = self._journal = Journal.open(path, retention=retention,
+                                               retention_tasks=retention_tasks)
+        restored = journal.restored
+        self._ledger.table.continue_after(restored.last_number)
+        for key, key_record in restored.keys:
+            self._keys.remember(key, key_record)
+        for snapshot in restored.queued:
+            self._held.setdefault(snapshot.operation, []).append(snapshot)
+        self._ledger.on_version = journal.recorder(self._ledger.table)
 
     # -- public API ---------------------------------------------------------
 
@@ -166,6 +206,7 @@ class Manager:
         max_memory: int | None = None,
         *,
         sandbox: Sandbox | None = None,
+        requeue: bool = True,
     ) -> None:
         """Declare support for ``operation`` (replacing an earlier registration).
 
@@ -177,6 +218,10 @@ class Manager:
             max_memory: address-space limit of the task process, in bytes.
             sandbox: how the kernel confines its task processes (default: the
                 manager's ``sandbox``).
+            requeue: with a journal, what becomes of this operation's tasks that
+                were still queued when the last run stopped: queued again (in
+                their order, with their ids) or, if False, CANCELED
+                (``canceled-queued``) without running.
 
         Raises:
             TypeError: ``animator`` is not an animator or cannot be sent to a child.
@@ -218,7 +263,12 @@ class Manager:
         with self._ledger.lock:
             self._ledger.check_open()
             self._ledger.animators[operation] = registration
+            held = self._held.pop(operation, [])
         self._loop_thread.call(self._backend.prepare, registration)
+        if held:
+            for task_id in take_back(self._ledger, held, registration, requeue):
+                self._loop_thread.call(self._dispatcher.schedule_purge, task_id)
+            self._loop_thread.call(self._dispatcher.dispatch)
 
     def registered_operations(self) -> list[str]:
         """The operations with an animator, sorted."""
@@ -239,17 +289,26 @@ class Manager:
                  "sandbox": reg.sandbox.to_wire()} for name, reg in registered]
 
     @property
+    def journal_status(self) -> str | None:
+        """``"ok"`` or what is wrong with the journal (a failing disk); None without one."""
+        return self._journal.status if self._journal is not None else None
+
+    @property
     def containment(self) -> str:
         """How the default sandbox holds task trees: ``"pid-namespace"`` or ``"subreaper"``."""
         return containment(self.sandbox)
 
-    def run_task(self, create: dict[str, Any]) -> str:
+    def run_task(self, create: dict[str, Any], idempotency_key: str | None = None) -> str:
         """Validate and queue a task; return its id at once.
 
         Args:
             create: ``{"operation", "objectId"?, "serviceStates"?, "args"?}``.
+            idempotency_key: 1-128 of ``[A-Za-z0-9_.-]``: the same key with the
+                same ``create`` within 24 h returns the first task's id and
+                creates nothing (see :meth:`create_task`).
 
         Raises:
+            IdempotencyConflict: ``idempotency_key`` came before with another ``create``.
             InvalidArguments: ``create`` is malformed (the message names the field).
             UnsupportedOperation: no animator is registered for the operation.
             QueueFull: too many tasks would wait for a slot (``max_queued``).
@@ -260,7 +319,25 @@ class Manager:
             InvalidArguments: also for any other exception from ``validate``
                 (chained as its ``__cause__``).
         """
-        return self._create(create, None, None)
+        return self._create(create, None, None, idempotency_key).task_id
+
+    def create_task(self, create: dict[str, Any], *,
+                    idempotency_key: str | None = None) -> Created:
+        """:meth:`run_task`, also telling whether the key replayed an earlier create.
+
+        With an ``idempotency_key``, concurrent and repeated calls with the
+        same key and the same ``create`` make one task: the first creates it,
+        every other returns it with ``replayed=True``. Keys are kept 24 h (at
+        most 100,000, the oldest forgotten first) and, with a journal, across
+        a restart.
+
+        Returns:
+            ``Created(task_id, replayed)``.
+
+        Raises:
+            (everything :meth:`run_task` raises)
+        """
+        return self._create(create, None, None, idempotency_key)
 
     def run_task_as(self, task_id: str, create: dict[str, Any], *,
                     follow_log: LineCallback | None = None) -> str:
@@ -279,12 +356,20 @@ class Manager:
         """
         if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
             raise ValueError("task_id must be 1-128 of [A-Za-z0-9_-]")
-        return self._create(create, task_id, follow_log)
+        return self._create(create, task_id, follow_log).task_id
 
     def _create(self, create: dict[str, Any], task_id: str | None,
-                follow_log: LineCallback | None) -> str:
+                follow_log: LineCallback | None, key: str | None = None) -> Created:
         encoded = check_create(create)  # NOTE: encodes args once, outside the lock
         ledger = self._ledger
+        digest = None
+        if key is not None:
+            check_key(key)
+            digest = body_digest(create)
+            with ledger.lock:
+                first = self._keys.find(key, digest)
+            if first is not None:
+                return Created(first, True)
         with ledger.lock:
             ledger.check_open()
             if ledger.unavailable is not None:
@@ -301,6 +386,11 @@ class Manager:
             # the arguments (REST: 400); the original stays as __cause__.
             raise InvalidArguments(str(exc) or type(exc).__name__) from exc
         with ledger.lock:
+            if key is not None and digest is not None:
+                # NOTE: again: a concurrent create with this key may have won meanwhile
+                first = self._keys.find(key, digest)
+                if first is not None:
+                    return Created(first, True)
             ledger.check_open()
             if self.max_queued is not None:
                 free = max(0, self.max_workers - len(ledger.running))
@@ -324,22 +414,36 @@ class Manager:
             ledger.table.add(task)
             ledger.queue.append(task.id)
             ledger.publish("POST", task)
+            if key is not None and digest is not None:
+                record = KeyRecord(digest, task.id, task.created_at)
+                self._keys.remember(key, record)
+                if self._journal is not None:
+                    self._journal.record_key(key, record)
         log.info("task %s created (%s)", task.id, task.operation)
         if wake:
             self._loop_thread.call(self._dispatcher.dispatch)
-        return task.id
+        return Created(task.id, False)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         """Return the wire dict of a task (a fresh one, the caller's to keep).
 
+        With a journal, a task purged from the table is answered from its record.
+
         Raises:
-            TaskNotFound: the id is unknown or was purged.
+            TaskNotFound: the id is unknown or was purged (and, with a journal,
+                its record is gone too).
         """
         return self.get_snapshot(task_id).to_dict()
 
-    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
-        """Return the wire dicts of all tasks (of one operation), in creation order."""
-        return [snapshot.to_dict() for snapshot in self.list_snapshots(operation)]
+    def list_tasks(self, operation: str | None = None, *,
+                   state: str | Iterable[str] | None = None, object_id: str | None = None,
+                   after: str | None = None, limit: int | None = None,
+                   history: bool = False) -> list[dict[str, Any]]:
+        """Return the wire dicts of the tasks, in creation order (see :meth:`list_snapshots`
+        for the filters)."""
+        return [snapshot.to_dict() for snapshot in self.list_snapshots(
+            operation, state=state, object_id=object_id, after=after, limit=limit,
+            history=history)]
 
     def get_snapshot(self, task_id: str) -> TaskSnapshot:
         """Return the immutable snapshot of a task's current version.
@@ -352,14 +456,60 @@ class Manager:
         """
         with self._ledger.lock:
             task = self._ledger.table.get(task_id)
-            if task is None:
-                raise TaskNotFound(f"task {task_id!r} not found")
-            return task.snapshot()
+            if task is not None:
+                return task.snapshot()
+        recorded = self._journal.get(task_id) if self._journal is not None else None
+        if recorded is None:
+            raise TaskNotFound(f"task {task_id!r} not found")
+        return recorded
 
-    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
-        """Return the snapshots of all tasks (of one operation), in creation order."""
+    def list_snapshots(self, operation: str | None = None, *,
+                       state: str | Iterable[str] | None = None, object_id: str | None = None,
+                       after: str | None = None, limit: int | None = None,
+                       history: bool = False) -> list[TaskSnapshot]:
+        """Return the snapshots of the tasks in the table, in creation order.
+
+        Args:
+            operation: only this operation (None or "": all).
+            state: only tasks in this state, or in any of these states.
+            object_id: only tasks with this ``objectId``.
+            after: only tasks created after the task with this id (the last of
+                the previous page).
+            limit: at most this many (None: all).
+            history: with a journal, also the recorded tasks no longer in the table.
+
+        Raises:
+            ValueError: a filter is malformed, or ``after`` names no task known
+                to the table or the journal.
+        """
+        query = make_query(operation, state, object_id)
+        check_limit(limit)
+        number = 0
+        if after is not None:
+            number = self._number_of(after)
         with self._ledger.lock:
-            return [task.snapshot() for task in self._ledger.table.select(operation)]
+            listed = [task.snapshot()
+                      for task in self._ledger.table.select_page(query, number, limit)]
+        if history and self._journal is not None:
+            listed = merge(listed, self._journal.select(query, number, limit), limit)
+        return listed
+
+    def _number_of(self, task_id: object) -> int:
+        """The creation number of a task (for ``after``).
+
+        Raises:
+            ValueError: no task with this id is known.
+        """
+        if not isinstance(task_id, str):
+            raise ValueError("after must be a task id")
+        with self._ledger.lock:
+            number = self._ledger.table.number_of(task_id)
+        if number is None and self._journal is not None:
+            number = self._journal.number_of(task_id)
+        if number is None:
+            shown = task_id if len(task_id) <= 64 else task_id[:64] + "…"
+            raise ValueError(f"after: no task {shown!r} is known")
+        return number
 
     def counts(self) -> dict[str, int]:
         """Count tasks by state, plus ``queued`` and ``running`` (for health checks).
@@ -474,9 +624,13 @@ class Manager:
             _check_count("limit", limit, 1)
         with self._ledger.lock:
             task = self._ledger.table.get(task_id)
-            if task is None:
+            if task is not None:
+                task_log, terminal = task.log, task.terminal
+        if task is None:
+            page = self._journal.log_page(task_id, after, limit) if self._journal else None
+            if page is None:
                 raise TaskNotFound(f"task {task_id!r} not found")
-            task_log, terminal = task.log, task.terminal
+            return page
         if task_log is None:
             return {"lines": [], "next": after, "dropped": 0, "complete": terminal}
         # NOTE: closed is read before the lines: a log read complete has them all.
@@ -565,9 +719,14 @@ class Manager:
             except BaseException:
                 log.exception("terminate: the loop did not finish the shutdown")
             finally:
-                # 5. stop the loop thread and the subscribers' threads.
+                # 5. stop the loop thread and the subscribers' threads; write and
+                # close the journal.
                 self._loop_thread.stop(CONSTS.loop_stop_timeout)
                 self._events.close(timeout=CONSTS.subscribers_stop_timeout)
+                if self._journal is not None:
+                    with self._ledger.lock:
+                        last_number = self._ledger.table.last_number
+                    self._journal.close(last_number)
                 self._terminated = True
             log.debug("terminate: done")
 

@@ -218,8 +218,13 @@ class TaskSnapshot:
                    created_at=created_at, modified_at=modified_at)
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, Any], number: int = 0) -> TaskSnapshot:
+    def from_wire(cls, wire: Mapping[str, Any], number: int = 0,
+                  json_bytes: bytes | None = None) -> TaskSnapshot:
         """A snapshot of a wire dict (a test fake's, a journal's record).
+
+        ``json_bytes``, if given, is the document ``wire`` was decoded from
+        (compact UTF-8): it is kept as the snapshot's JSON instead of encoding
+        ``wire`` again.
 
         Raises:
             KeyError, ValueError, TypeError: ``wire`` is not a task's wire form.
@@ -235,7 +240,8 @@ class TaskSnapshot:
                    version=meta["version"], time_created=meta["timeCreated"],
                    time_modified=meta["timeModified"],
                    cancel_requested=bool(wire.get("cancelRequested")), messages=messages,
-                   parts=(encode_json(wire),), object_id=wire.get("objectId"),
+                   parts=(json_bytes if json_bytes is not None else encode_json(wire),),
+                   object_id=wire.get("objectId"),
                    outcome=None if outcome is None else Outcome.from_wire(outcome),
                    usage=None if usage is None else Usage.from_wire(usage), number=number)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +23,8 @@ from supervisor import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.idempotency import Created, KeyRecord, KeyStore, body_digest, check_key
+from supervisor.listing import check_limit, make_query
 from supervisor.outcome import Outcome, OutcomeKind
 from supervisor.sandbox import Sandbox
 from supervisor.task import check_create
@@ -65,7 +68,7 @@ class FakeManager:
         self.terminated = False
         self.purge_at_once = False  #: purge each task as soon as it is created/canceled
         self.broken: dict[str, Exception] = {}  #: method name -> exception it raises
-        self._numbers = itertools.count(1)
+        self._counter = itertools.count(1)
         #: key -> (callback, raw): raw ones get ChangeEvents, the others dicts
         self._subscribers: dict[int, tuple[Callable[[Any], None], bool]] = {}
         self._keys = itertools.count(1)
@@ -78,12 +81,28 @@ class FakeManager:
         self.log_totals_kept: dict[tuple[str, str], list[int]] = {}
         self._log_ended: set[str] = set()
         self._killed: set[str] = set()  #: ids whose outcome was a forced kill
+        self._numbers: dict[str, int] = {}  #: every id made -> its creation number
+        self._idempotency_keys = KeyStore()
+        #: as ``Manager.journal_status``; tests set it to see /healthz report it
+        self.journal_status: str | None = None
 
     # -- the Manager API the REST layer uses --------------------------------
 
-    def run_task(self, create: dict[str, Any]) -> str:
+    def run_task(self, create: dict[str, Any], idempotency_key: str | None = None) -> str:
+        return self.create_task(create, idempotency_key=idempotency_key).task_id
+
+    def create_task(self, create: dict[str, Any], *,
+                    idempotency_key: str | None = None) -> Created:
         self._maybe_break("run_task")
         check_create(create)  # NOTE: the manager's own check of the shape
+        digest = None
+        if idempotency_key is not None:
+            check_key(idempotency_key)
+            digest = body_digest(create)
+            with self._lock:
+                first = self._idempotency_keys.find(idempotency_key, digest)
+            if first is not None:
+                return Created(first, True)
         if self.terminated:
             raise ManagerTerminated("the manager is terminating")
         validate = self.validators.get(create["operation"])
@@ -98,7 +117,13 @@ class FakeManager:
         if self.queue_full:
             raise QueueFull("queue full: 3 tasks already wait")
         with self._lock:
-            task_id = f"{create['operation'][:20]}{next(self._numbers):06d}"
+            if idempotency_key is not None and digest is not None:
+                first = self._idempotency_keys.find(idempotency_key, digest)
+                if first is not None:
+                    return Created(first, True)
+            number = next(self._counter)
+            task_id = f"{create['operation'][:20]}{number:06d}"
+            self._numbers[task_id] = number
             stamp = _now()
             task: dict[str, Any] = {
                 "meta": {"id": task_id, "objType": "Task", "version": 1,
@@ -116,9 +141,12 @@ class FakeManager:
             self.created.append(copy.deepcopy(create))
             self.tasks[task_id] = task
             self._emit("POST", task)
+            if idempotency_key is not None and digest is not None:
+                self._idempotency_keys.remember(
+                    idempotency_key, KeyRecord(digest, task_id, time.time()))
             if self.purge_at_once:
                 self.purge(task_id)
-        return task_id
+        return Created(task_id, False)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
         self._maybe_break("get_task")
@@ -127,19 +155,41 @@ class FakeManager:
                 raise TaskNotFound(f"task {task_id!r} not found")
             return copy.deepcopy(self.tasks[task_id])
 
-    def list_tasks(self, operation: str | None = None) -> list[dict[str, Any]]:
+    def list_tasks(self, operation: str | None = None, *,
+                   state: str | Iterable[str] | None = None, object_id: str | None = None,
+                   after: str | None = None, limit: int | None = None,
+                   history: bool = False) -> list[dict[str, Any]]:
         self._maybe_break("list_tasks")
+        query = make_query(operation, state, object_id)
+        check_limit(limit)
         with self._lock:
-            return [copy.deepcopy(t) for t in self.tasks.values()
-                    if not operation or t["operation"] == operation]
+            number = 0
+            if after is not None:
+                if not isinstance(after, str) or after not in self._numbers:
+                    raise ValueError(f"after: no task {after!r} is known")
+                number = self._numbers[after]
+            found = []
+            for task_id, task in self.tasks.items():
+                if self._numbers[task_id] <= number or not query.matches(
+                        _Listed(task, self._numbers[task_id]), task["state"]):
+                    continue
+                found.append(copy.deepcopy(task))
+                if limit is not None and len(found) >= limit:
+                    break
+            return found
 
     def get_snapshot(self, task_id: str) -> TaskSnapshot:
         self._maybe_break("get_snapshot")
         return TaskSnapshot.from_wire(self.get_task(task_id))
 
-    def list_snapshots(self, operation: str | None = None) -> list[TaskSnapshot]:
+    def list_snapshots(self, operation: str | None = None, *,
+                       state: str | Iterable[str] | None = None, object_id: str | None = None,
+                       after: str | None = None, limit: int | None = None,
+                       history: bool = False) -> list[TaskSnapshot]:
         self._maybe_break("list_snapshots")
-        return [TaskSnapshot.from_wire(task) for task in self.list_tasks(operation)]
+        return [TaskSnapshot.from_wire(task, self._numbers[task["meta"]["id"]])
+                for task in self.list_tasks(operation, state=state, object_id=object_id,
+                                            after=after, limit=limit, history=history)]
 
     def cancel_task(self, task_id: str) -> None:
         self._maybe_break("cancel_task")
@@ -363,6 +413,15 @@ class FakeManager:
     def _maybe_break(self, method: str) -> None:
         if method in self.broken:
             raise self.broken[method]
+
+
+class _Listed:
+    """A fake's task dict as a list filter sees it."""
+
+    def __init__(self, task: dict[str, Any], number: int) -> None:
+        self.operation: str = task["operation"]
+        self.object_id: str | None = task.get("objectId")
+        self.number = number
 
 
 class DummyAccessControl:

@@ -22,6 +22,7 @@ from hypothesis import given
 
 from rest.resources import TaskManager
 from supervisor import (
+    IdempotencyConflict,
     InvalidArguments,
     Manager,
     TaskNotFound,
@@ -55,7 +56,13 @@ def _scenario(m: Any) -> dict[str, Any]:
     """What the REST layer can see of a manager, as comparable data."""
     seen: dict[str, Any] = {}
     events: list[str] = []
-    m.subscribe_changes(lambda event: events.append(f"{event.method} {event.task.state}"))
+
+    def record(event: Any) -> None:
+        # NOTE: HASH tasks only: the real manager's running SLEEP task reports progress
+        if event.task.operation == "HASH":
+            events.append(f"{event.method} {event.task.state}")
+
+    m.subscribe_changes(record)
     task_id = m.run_task({"operation": "HASH", "objectId": "o-1", "args": {"x": [1, 2]},
                           "serviceStates": {"s": "up"}})
     task = m.get_snapshot(task_id).to_dict()
@@ -84,6 +91,26 @@ def _scenario(m: Any) -> dict[str, Any]:
         m.cancel_task(queued)
     wait_for(lambda: len(events) >= 3)  # NOTE: the manager delivers on a thread of its own
     seen["events"] = events[:3]
+    body = {"operation": "HASH", "objectId": "o-2", "args": {"k": 1}}
+    first = m.create_task(dict(body), idempotency_key="key-1")
+    again = m.create_task({"args": {"k": 1}, "objectId": "o-2", "operation": "HASH"},
+                          idempotency_key="key-1")
+    seen["idempotent"] = (first.replayed, again.replayed, again.task_id == first.task_id,
+                          m.run_task(dict(body), "key-1") == first.task_id)
+    for bad_key, error in (("key-1", IdempotencyConflict), ("not a key", InvalidArguments)):
+        with pytest.raises(error):
+            m.run_task({"operation": "HASH"}, idempotency_key=bad_key)
+    names = {task_id: "first", queued: "queued", first.task_id: "keyed"}
+
+    def listed(**filters: Any) -> list[tuple[str, str]]:
+        return [(names.get(s.id, s.id), s.state) for s in m.list_snapshots("HASH", **filters)]
+
+    seen["pages"] = [listed(limit=2), listed(after=task_id), listed(after=queued, limit=1),
+                     listed(state=["CANCELED", "NEW"], object_id="o-2"),
+                     listed(state="CANCELED")]
+    for bad in ({"after": "NOPE000001"}, {"state": "DONE"}, {"limit": 0}):
+        with pytest.raises(ValueError):
+            m.list_snapshots("HASH", **bad)
     seen["log"] = m.get_log(queued)
     seen["operations"] = [o["operation"] for o in m.operations()]
     seen["counts"] = sorted(m.counts())

@@ -1,9 +1,10 @@
 // housekeeping dashboard: a client of the REST API, no build step.
 //
 // Data flow: fetch() streams /api/v1/task-events (EventSource cannot send an
-// Authorization header); once the stream is open the page (re)reads
-// /api/v1/tasks and merges both by meta.version, so nothing is missed between
-// the two. Changes only mark rows dirty; one animation frame renders them.
+// Authorization header); once the stream is open the page (re)reads the first
+// page of /api/v1/tasks and merges both by meta.version, so nothing is missed
+// between the two. Tasks beyond the first page are counted (X-Total-Count,
+// or "more" from the Link header), not loaded. Changes only mark rows dirty; one animation frame renders them.
 // Clicking a row (or Enter on it) follows that task's log in the panel below
 // the table, over the same fetch-based stream reader.
 // Every string from the server is written with textContent, never as HTML.
@@ -18,6 +19,7 @@
   const MAX_EVENT_CHARS = 4 * 1024 * 1024; // one SSE message; a task or a 16 KiB log line is far less
   const LOG_KEEP = 5000; // log lines the panel keeps in the page, newest
   const LOG_FRAME_LINES = 500; // log lines added per animation frame
+  const TASK_PAGE = 1000; // tasks the page loads: the first page of the list
 
   const $ = (id) => document.getElementById(id);
   const rows = $("task-rows");
@@ -28,6 +30,7 @@
   let generation = 0; // bumps on every (re)connect; stale loops stop
   let controller = null;
   let retries = 0;
+  let notLoaded = 0; // tasks on the server beyond the first page (-1: some, count unknown)
 
   // -- auth -----------------------------------------------------------------------
   const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
@@ -42,7 +45,7 @@
     constructor(status, message) { super(message); this.status = status; }
   }
 
-  async function api(method, path, body) {
+  async function request(method, path, body) {
     const init = { method, headers: headers({ Accept: "application/json" }), cache: "no-store" };
     if (body !== undefined) {
       init.headers["Content-Type"] = "application/json";
@@ -55,8 +58,9 @@
       const message = data && typeof data.message === "string" ? data.message : response.statusText;
       throw new ApiError(response.status, message);
     }
-    return data;
+    return { data, response };
   }
+  async function api(method, path, body) { return (await request(method, path, body)).data; }
 
   // -- banner and connection state --------------------------------------------------
   function setConnection(state, text) {
@@ -239,6 +243,11 @@
     for (const entry of entries.values()) if (entry.row && !entry.row.hidden) shown += 1;
     setText($("counts"), entries.size + " tasks, " + shown + " shown");
     $("empty").hidden = shown > 0;
+    const more = $("not-loaded");
+    more.hidden = notLoaded === 0;
+    setText(more, notLoaded === 0 ? "" : (notLoaded > 0 ? notLoaded + " more" : "more")
+      + " on the server, not loaded: the page shows the first " + TASK_PAGE
+      + " tasks and every change since");
   }
   function addOperationFilter(operation) {
     operationsSeen.add(operation);
@@ -320,8 +329,11 @@
   }
 
   async function reread(gen, seen) {
-    const tasks = await api("GET", API + "/tasks");
+    const { data: tasks, response } = await request("GET", API + "/tasks?limit=" + TASK_PAGE);
     if (gen !== generation || !Array.isArray(tasks)) return;
+    const total = Number.parseInt(response.headers.get("X-Total-Count") || "", 10);
+    const hasNext = /rel="next"/.test(response.headers.get("Link") || "");
+    notLoaded = Number.isFinite(total) ? Math.max(0, total - tasks.length) : (hasNext ? -1 : 0);
     const listed = new Set();
     for (const task of tasks) { listed.add(task.meta.id); upsert(task); }
     // Tasks purged while the page was not listening are gone from the list.
