@@ -300,10 +300,10 @@ class Dispatcher:
                               outcome.exit_code, outcome.signal, outcome.error_type,
                               outcome.killed)
         with ledger.lock:
-            ledger.running.discard(task_id)
-            task = ledger.table.get(task_id)
             if outcome.state is TaskState.SUCCEEDED:
                 self._run(task_id)  # NOTE: it ran, though no report said so in time
+            ledger.running.discard(task_id)  # NOTE: after: _run wants it running
+            task = ledger.table.get(task_id)
             if task is not None and not task.terminal:
                 if ending.result_json is not None and outcome.state is TaskState.SUCCEEDED:
                     task.result_json = ending.result_json.encode("ascii")

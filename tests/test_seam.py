@@ -3,6 +3,7 @@ processes import no parent code; one thread owns the shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -17,6 +18,7 @@ import hypothesis.strategies as st
 import psutil
 import pytest
 from conftest import TIMEOUT, message_texts, pids_gone, wait_for
+from conftest import wait_terminal as wait_terminal_of
 from fakes import FakeManager
 from hypothesis import given
 
@@ -28,6 +30,8 @@ from supervisor import (
     TaskNotFound,
     UnsupportedOperation,
 )
+from supervisor.backend import Backend, Host, Launch, Registration
+from supervisor.outcome import Ending, Outcome, OutcomeKind
 
 # -- FakeManager against the Manager -----------------------------------------------------
 
@@ -212,3 +216,41 @@ def test_a_spliced_snapshot_is_the_compact_json_of_its_fields(
         expected["objectId"] = object_id
     assert snapshot.json() == encode_json(expected)
     assert snapshot.json() is snapshot.json()  # kept once joined (a small document)
+
+
+class _ReturnsAtOnce(Backend):
+    """A backend whose tasks run remotely (NEW until a report) and end SUCCEEDED with
+    no report at all, as a Dask task whose reports were lost does."""
+
+    starts_running = False
+
+    async def open(self, host: Host) -> None:
+        self._host = host
+
+    def can_start(self, registration: Registration) -> bool:
+        return True
+
+    def start(self, launch: Launch) -> bool:
+        ending = Ending(Outcome(OutcomeKind.RETURNED, ""), "42")
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.host.task_finished, launch.task_id, ending)
+        loop.call_soon(self.host.task_output_closed, launch.task_id)
+        return True
+
+    def cancel(self, task_id: str) -> None:
+        pass
+
+    def kill(self, task_id: str, reason: str) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
+def test_a_remote_task_that_returns_with_no_report_ran(manager: Any) -> None:
+    m = manager(backend=_ReturnsAtOnce(), max_workers=1)
+    m.register_animator("QUICK", animators.Quick())
+    task = wait_terminal_of(m, m.run_task({"operation": "QUICK"}))
+    assert task["state"] == "SUCCEEDED" and task["result"] == 42, task
+    assert message_texts(task) == ["State change NEW ⇒ ACTIVE",
+                                   "State change ACTIVE ⇒ SUCCEEDED"]
