@@ -246,10 +246,15 @@ def _python_load(url: str, seconds: float, method: str, body: bytes | None) -> L
 
 def latencies(host: str, port: int, path: str, count: int) -> list[float]:
     """Time ``count`` sequential GETs of ``path`` on one keep-alive connection."""
+    return timed_gets(host, port, [path] * count)
+
+
+def timed_gets(host: str, port: int, paths: list[str]) -> list[float]:
+    """Time one GET of each path, in turn, on one keep-alive connection."""
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
     found = []
     try:
-        for _ in range(count):
+        for path in paths:
             start = time.perf_counter()
             conn.request("GET", path)
             answer = conn.getresponse()

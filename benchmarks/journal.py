@@ -19,7 +19,6 @@ Rounds alternate between the two sides.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import random
 import sqlite3
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import TIMEOUT, Options, Section, Table, wait_until
-from benchmarks.http_load import ServerProcess, hk_command, load, load_generator
+from benchmarks.http_load import ServerProcess, hk_command, load, load_generator, timed_gets
 from supervisor.journal import Journal
 from supervisor.outcome import Outcome, OutcomeKind, Usage
 from supervisor.states import TaskState
@@ -90,20 +89,7 @@ def fill_journal(path: Path) -> float:
 
 def fetch_latencies(server: ServerProcess, paths: list[str]) -> list[float]:
     """Time one GET of each path, in turn, on one keep-alive connection."""
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT)
-    found = []
-    try:
-        for path in paths:
-            start = time.perf_counter()
-            conn.request("GET", path)
-            answer = conn.getresponse()
-            answer.read()
-            found.append(time.perf_counter() - start)
-            if answer.status != 200:
-                raise RuntimeError(f"GET {path}: {answer.status}")
-    finally:
-        conn.close()
-    return found
+    return timed_gets(server.host, server.port, paths)
 
 
 def run(options: Options) -> Section:
