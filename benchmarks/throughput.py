@@ -181,6 +181,8 @@ if __name__ == "__main__":
 class LightProcessBatch(Batch):
     """The bare fork-per-task loop in a parent that imported nothing else."""
 
+    split: Table | None = None  #: where its child's CPU time is recorded, if anywhere
+
     def __init__(self, tasks: int, cpu: Table) -> None:
         super().__init__("multiprocessing fork per task, light parent", tasks, cpu)
 
@@ -197,8 +199,6 @@ class LightProcessBatch(Batch):
             self.split.row("bare, light parent: each child process").samples.append(
                 children / self.tasks)
         return self.tasks / seconds
-
-    split: Table | None = None
 
 
 class PoolBatch(Batch):

@@ -119,7 +119,9 @@ class Dispatcher:
         ledger = self._ledger
         if ledger.terminating:
             return
-        reason = self._note_availability()
+        # NOTE: read as it is here; the ledger's copy (what callers' threads
+        # read) changes only when the backend says so (backend_changed)
+        reason = self._backend.unavailable()
         if reason is not None:
             self._fail_queued(reason)
             return
@@ -196,6 +198,7 @@ class Dispatcher:
 
     def backend_changed(self) -> None:
         """Capacity or availability changed."""
+        self._note_availability()
         self.dispatch()
 
     def task_running(self, task_id: str) -> None:

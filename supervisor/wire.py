@@ -62,10 +62,11 @@ def utc_stamp(when: float | None = None) -> str:
     second = int(whole) + micro // 1_000_000
     # NOTE: every version of every task is stamped; the part up to the second
     # is formatted once per second, the microseconds each time.
+    global _last_second
     cached = _last_second
     if cached[0] != second:
-        cached = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-        globals()["_last_second"] = cached
+        cached = _last_second = (
+            second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{cached[1]}.{micro % 1_000_000:06d}Z"
 
 
