@@ -10,7 +10,7 @@ import pytest
 
 from supervisor.animator import Animator
 from supervisor.errors import InvalidArguments
-from supervisor.protocol import MAX_RESULT_BYTES
+from supervisor.protocol import MAX_RESULT_BYTES, Cancel, Finished, Note, Progress, StateChanged
 from supervisor.states import TaskState
 from workers import TaskEnded
 from workers.testing import FakeTaskOps, make_task, run
@@ -35,6 +35,33 @@ def test_records_every_call_in_order() -> None:
     assert ops.state is TaskState.ACTIVE
     assert [name for name, _ in ops.calls] == [
         "set_progress", "message", "set_state", "set_state", "set_progress"]
+
+
+def test_reports_cross_the_pipe_as_protocol_frames() -> None:
+    ops = FakeTaskOps()
+    ops.set_progress(percent_complete=10)
+    ops.message("x" * 5000)
+    ops.set_state(TaskState.WAITING)
+    sent = ops.sent
+    assert [type(message) for message in sent] == [Progress, Note, StateChanged]
+    assert sent[0].values == {"percent_complete": 10}
+    assert sent[1].text == "x" * 4096  # cut by the real handle before it is sent
+    assert sent[2].state == "WAITING"
+
+
+def test_a_cancel_arrives_as_a_frame_the_real_receive_reads() -> None:
+    ops = FakeTaskOps()
+    assert not ops.is_canceled()
+    ops.pipe.deliver(Cancel())  # as the supervisor would send it
+    assert ops.is_canceled() and not ops.pipe.inbound
+
+
+def test_run_reads_the_final_report_from_the_pipe() -> None:
+    state, result, ops = run(Echo(), {"operation": "ECHO", "args": {"n": 1}})
+    final = ops.sent[-1]
+    assert isinstance(final, Finished)
+    assert (final.state, final.result_json, final.kind) == ("SUCCEEDED", '{"n":1}', "returned")
+    assert (state, result) == (TaskState.SUCCEEDED, {"n": 1})
 
 
 def test_progress_is_checked_like_the_real_one() -> None:

@@ -13,7 +13,7 @@ from supervisor.protocol import Cancel, Note, Progress, StateChanged, check_prog
 from supervisor.states import TaskState, is_terminal
 
 if TYPE_CHECKING:
-    from workers.pipe import TaskPipe
+    from workers.pipe import Pipe
 
 class TaskEnded(BaseException):
     """Raised by ``TaskOps.set_state`` with a terminal state to end ``execute``.
@@ -41,7 +41,7 @@ class TaskOps:
     def __init__(
         self,
         task: dict[str, Any],
-        conn: TaskPipe,
+        conn: Pipe,
         *,
         clock: Callable[[], float] = time.monotonic,  # test shim
     ) -> None:
@@ -57,7 +57,7 @@ class TaskOps:
         self._timer_armed = False
         self._sending = False
         self._on_cancel: Callable[[], None] | None = None
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        self._install_alarm()
 
     # -- the animator's API -------------------------------------------------
 
@@ -142,8 +142,7 @@ class TaskOps:
 
     def send_final(self, message: object) -> None:
         """Flush progress and send the final report; the last thing the child says."""
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        self._timer_armed = False
+        self._disarm()
         self.flush()
         self._send(message)
 
@@ -197,9 +196,16 @@ class TaskOps:
         finally:
             self._sending = False
 
+    def _install_alarm(self) -> None:
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
     def _arm(self, delay: float) -> None:
         self._timer_armed = True
         signal.setitimer(signal.ITIMER_REAL, max(delay, 0.001))
+
+    def _disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self._timer_armed = False
 
     def _on_alarm(self, signum: int, frame: object) -> None:
         self._timer_armed = False

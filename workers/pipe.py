@@ -12,8 +12,20 @@ from __future__ import annotations
 
 import os
 import select
+from typing import Protocol
 
 from supervisor.protocol import FRAME_HEADER, MAX_MESSAGE_BYTES
+
+
+class Pipe(Protocol):
+    """What :class:`~workers.TaskOps` needs of its transport: whole frames each way
+    (:class:`TaskPipe` in a task process; an in-memory one in ``workers.testing``)."""
+
+    def fileno(self) -> int: ...
+    def send_bytes(self, payload: bytes) -> None: ...
+    def recv_bytes(self) -> bytes: ...
+    def poll(self, timeout: float = 0.0) -> bool: ...
+    def close(self) -> None: ...
 
 
 class TaskPipe:

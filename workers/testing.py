@@ -1,9 +1,12 @@
-"""A recording fake of TaskOps, to unit-test an animator's ``execute`` in-process.
+"""The real TaskOps over an in-memory pipe, to unit-test an animator's ``execute``
+in-process.
 
 A real task needs a manager, a child process and a pipe. To test the logic of
 an animator, run its ``execute`` in the test's own process against
-:class:`FakeTaskOps`, which records every progress report, state and message,
-and can simulate a cancel::
+:class:`FakeTaskOps`: the task process's own handle, whose frames go to a
+:class:`MemoryPipe` instead of a supervisor. It records every progress
+report, state and message, keeps what the supervisor would have read
+(``ops.sent``), and can simulate a cancel::
 
     from workers.testing import FakeTaskOps, run
 
@@ -18,7 +21,9 @@ and can simulate a cancel::
 (:mod:`workers.execution`): ``validate`` first, then ``execute`` (``async
 def`` on uvloop, where a cancel cancels the coroutine), then the result's
 JSON check, with the same states, reasons and outcome kinds
-(``ops.kind``). Unlike the real one, it lets an exception from the animator
+(``ops.kind``), and sends the final report over the pipe as the task
+process does: ``ops.sent[-1]`` is the ``Finished`` the supervisor would
+read. Unlike the real one, it lets an exception from the animator
 propagate, so that the test shows its traceback.
 """
 
@@ -28,16 +33,17 @@ import itertools
 import json
 import pickle
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from supervisor.animator import Animator
 from supervisor.outcome import OutcomeKind
-from supervisor.protocol import check_progress
-from supervisor.states import TaskState, is_terminal
+from supervisor.protocol import MAX_MESSAGE_BYTES, Cancel, Finished, check_progress, decode, encode
+from supervisor.states import TaskState
 from supervisor.wire import create_fields, utc_stamp
 from workers.execution import execute
-from workers.ops import TaskEnded, TaskOps
+from workers.ops import TaskOps
 
 _ids = itertools.count(1)
 
@@ -70,13 +76,78 @@ def make_task(create: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+class MemoryPipe:
+    """An in-memory stand-in for the task process's pipe: whole frames, each way.
+
+    What :class:`FakeTaskOps` sends is kept as it would cross the real pipe
+    (``outbound``, encoded payloads); what a test sends it (a ``Cancel``) waits
+    in ``inbound`` until the handle reads it. It has no descriptor.
+    """
+
+    def __init__(self) -> None:
+        self.outbound: list[bytes] = []
+        self.inbound: deque[bytes] = deque()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        """Refuse: there is no descriptor (an async ``execute`` then gets its cancel
+        through the cancel hook).
+
+        Raises:
+            OSError: always.
+        """
+        raise OSError("an in-memory pipe has no descriptor")
+
+    def send_bytes(self, payload: bytes) -> None:
+        """Keep one frame's payload, as the supervisor would read it.
+
+        Raises:
+            OSError: the pipe is closed, or the frame is over the protocol's limit.
+        """
+        if self._closed:
+            raise OSError("the task pipe is closed")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise OSError(f"a frame of {len(payload)} bytes")
+        with self._lock:
+            self.outbound.append(bytes(payload))
+
+    def recv_bytes(self) -> bytes:
+        """Take the oldest frame sent to the task.
+
+        Raises:
+            EOFError: nothing is waiting (a real read would block).
+        """
+        with self._lock:
+            if not self.inbound:
+                raise EOFError("nothing was sent to the task")
+            return self.inbound.popleft()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """True when a frame waits to be read (never waits)."""
+        with self._lock:
+            return bool(self.inbound)
+
+    def close(self) -> None:
+        """Close it: later sends fail, as on a closed pipe."""
+        self._closed = True
+
+    def deliver(self, message: object) -> None:
+        """Send ``message`` to the task, as the supervisor would."""
+        with self._lock:
+            self.inbound.append(encode(message))
+
+
 class FakeTaskOps(TaskOps):
     """Stand in for :class:`workers.TaskOps` and record what the animator does.
 
-    It has the same public methods and checks its arguments the same way
-    (``set_progress`` clamps the percentage and rejects negative byte counts;
-    ``set_state`` with a terminal state raises :class:`workers.TaskEnded`), but
-    nothing is coalesced or sent anywhere: every call is kept, in order.
+    It is the real handle over an in-memory pipe (:class:`MemoryPipe`): each
+    report is checked, encoded and sent as a task process would send it, and
+    a cancel arrives as a ``Cancel`` frame read by the real ``receive``. Two
+    differences keep a test deterministic: every ``set_progress`` is sent at
+    once (the real one sends at most one per ``progress_interval``), and
+    ``is_canceled`` reads the pipe at every call. Every call is also kept,
+    in order.
 
     Attributes:
         task: the task dict ``execute`` sees (see :func:`make_task`).
@@ -90,11 +161,12 @@ class FakeTaskOps(TaskOps):
         is_canceled_calls: how many times ``is_canceled`` was called.
         reason: why :func:`run` recorded a non-SUCCEEDED outcome, else ``None``.
         kind: the outcome kind :func:`run` recorded (``OutcomeKind.RETURNED``, ...).
+        pipe: the in-memory pipe (see :attr:`sent`).
     """
 
     def __init__(self, task: dict[str, Any] | None = None, *,
                  cancel_after: int | None = None) -> None:
-        """Create the fake; no pipe, no signal handler, no timer.
+        """Create the fake; no process, no descriptor, no signal handler, no timer.
 
         Args:
             task: what ``ops.task`` holds; by default a task of operation ``FAKE``.
@@ -105,7 +177,9 @@ class FakeTaskOps(TaskOps):
         """
         if cancel_after is not None and cancel_after < 0:
             raise ValueError("cancel_after must not be negative")
-        self.task = task if task is not None else make_task({"operation": "FAKE"})
+        self.pipe = MemoryPipe()
+        super().__init__(task if task is not None else make_task({"operation": "FAKE"}),
+                         self.pipe)
         self.state = TaskState.ACTIVE
         self.progress: list[dict[str, int]] = []
         self.states: list[TaskState] = []
@@ -115,26 +189,31 @@ class FakeTaskOps(TaskOps):
         self.reason: str | None = None
         self.kind: OutcomeKind | None = None
         self._cancel_after = cancel_after
-        self._canceled = False
-        self._hook: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
     # -- what a test does ----------------------------------------------------
 
     def cancel(self) -> None:
-        """Simulate ``Manager.cancel_task``; safe to call from another thread."""
+        """Simulate ``Manager.cancel_task``: a ``Cancel`` frame, read at once (so that
+        an async ``execute`` is canceled); safe to call from another thread."""
         with self._lock:
             if self._canceled:
                 return
-            self._canceled = True
-            hook = self._hook
-        if hook is not None:
-            hook()
+            self.pipe.deliver(Cancel())
+            super().receive()
 
     @property
     def canceled(self) -> bool:
         """True once the (simulated) cancel has arrived."""
         return self._canceled
+
+    @property
+    def sent(self) -> list[object]:
+        """What the supervisor would have read from the task, in order: ``Progress``,
+        ``Note``, ``StateChanged`` and, after :func:`run`, the final ``Finished``
+        (messages of :mod:`supervisor.protocol`, decoded as the supervisor decodes
+        them)."""
+        return [decode(payload) for payload in list(self.pipe.outbound)]
 
     @property
     def last_progress(self) -> dict[str, int]:
@@ -152,10 +231,12 @@ class FakeTaskOps(TaskOps):
         if (self._cancel_after is not None and not self._canceled
                 and self.is_canceled_calls > self._cancel_after):
             self.cancel()
+        self.receive()
         return self._canceled
 
     def set_state(self, state: TaskState | str) -> None:
-        """Record ``state``; a terminal one ends ``execute`` as the real one does.
+        """Record ``state``, then report it; a terminal one ends ``execute`` as the
+        real one does.
 
         Raises:
             TaskEnded: ``state`` is terminal.
@@ -167,8 +248,7 @@ class FakeTaskOps(TaskOps):
         self.states.append(state)
         self.calls.append(("set_state", state))
         self.state = state
-        if is_terminal(state):
-            raise TaskEnded(state)
+        super().set_state(state)
 
     def set_progress(
         self,
@@ -178,7 +258,7 @@ class FakeTaskOps(TaskOps):
         offset_bytes: int | None = None,
         transferred_bytes: int | None = None,
     ) -> None:
-        """Record one progress report (checked and clamped like the real one)."""
+        """Record one progress report (checked and clamped like the real one) and send it."""
         values = check_progress({
             "percent_complete": percent_complete,
             "total_bytes": total_bytes,
@@ -187,44 +267,38 @@ class FakeTaskOps(TaskOps):
         })
         self.progress.append(values)
         self.calls.append(("set_progress", values))
+        super().set_progress(**values)
+        self.flush()
 
     def message(self, text: str) -> None:
-        """Record one message (cut at 4096 characters like the real one)."""
+        """Record one message (cut at 4096 characters like the real one) and send it."""
         text = str(text)[:4096]
         self.messages.append(text)
         self.calls.append(("message", text))
+        super().message(text)
 
-    # -- what the task process uses; nothing to send here ----------------------
-
-    def flush(self) -> None:
-        """Do nothing: the fake sends nothing."""
+    # -- what the task process uses --------------------------------------------
 
     def receive(self) -> None:
-        """Do nothing: cancels arrive through :meth:`cancel` or ``cancel_after``."""
-
-    def send_final(self, message: object) -> None:
-        """Do nothing: :func:`run` records the outcome instead."""
+        """Read a ``Cancel`` the test sent, with the real code (from any thread)."""
+        with self._lock:
+            super().receive()
 
     def set_cancel_hook(self, hook: Callable[[], None] | None) -> None:
         """Call ``hook`` once when the cancel arrives (at once if it already has)."""
         with self._lock:
-            self._hook = hook
-            canceled = self._canceled
-        if hook is not None and canceled:
-            hook()
+            super().set_cancel_hook(hook)
 
-    def pipe_fileno(self) -> int:
-        """Refuse: the fake has no pipe (only the task process's event loop needs it).
+    # NOTE: no SIGALRM here: a test's process keeps its signals and timers, and
+    # progress is sent at once instead.
+    def _install_alarm(self) -> None:
+        pass
 
-        Raises:
-            OSError: always.
-        """
-        raise OSError("FakeTaskOps has no pipe")
+    def _arm(self, delay: float) -> None:
+        pass
 
-    @property
-    def parent_gone(self) -> bool:
-        """Always False: there is no parent to lose."""
-        return False
+    def _disarm(self) -> None:
+        pass
 
 
 def run(
@@ -266,7 +340,10 @@ def run(
     ops = ops if ops is not None else FakeTaskOps()
     ops.task = task
     # NOTE: the task process's own code: the same states, reasons, kinds and checks
-    final = execute(animator, ops, passing=(Exception,))
+    # NOTE: and its final report crosses the pipe, as the supervisor reads it
+    ops.send_final(execute(animator, ops, passing=(Exception,)))
+    final = ops.sent[-1]
+    assert isinstance(final, Finished), final
     ops.state = TaskState(final.state)
     ops.reason = final.reason
     ops.kind = OutcomeKind(final.kind) if final.kind is not None else None
