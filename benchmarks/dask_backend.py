@@ -214,16 +214,14 @@ def _quiet_and_terminate(manager: Any, quiet: Callable[[], None], ok: bool) -> N
         manager.terminate()
 
 
-def _no_event_waiters(cluster: Any) -> None:
-    """Wait until no task's worker side waits on its cancel Event any more.
+def _no_tasks_left(cluster: Any) -> None:
+    """Wait until the scheduler holds no task: every future of the round released.
 
-    NOTE: each waits up to ``CONSTS.dask_cancel_poll`` after its task ended;
-    waiting for them keeps one round's leftovers out of the next round's figures
-    (the scheduler runs in this process). Reads the in-process scheduler's Event
-    extension: there is no public view of its waiters.
+    NOTE: keeps one round's leftovers out of the next round's figures (the
+    scheduler runs in this process). Reads the in-process scheduler's task table.
     """
-    waiters = cluster.scheduler.extensions["events"]._waiter_count
-    wait_until(lambda: not any(waiters.values()), "the cancel Event waits to end", step=0.01)
+    wait_until(lambda: not cluster.scheduler.tasks, "the scheduler's tasks to go",
+               step=0.01)
 
 
 def _table(title: str, unit: str, *bare: str, **options: Any) -> Table:
@@ -298,7 +296,7 @@ def run(options: Options) -> Section:
                 return DaskBackend(cluster)
 
             def dask_quiet() -> None:
-                _no_event_waiters(cluster)
+                _no_tasks_left(cluster)
 
             alternate([StartLatency(LOCAL, local, local, began, ended),
                        StartLatency(DASK, dask, dask_quiet, began, ended)],
@@ -345,8 +343,8 @@ def run(options: Options) -> Section:
         "submit(noop).result() one at a time (the engine's round trip), and tasks that "
         "each fork one process on the worker (one at a time for the round trip, a batch "
         "submitted at once for the rate): the floors of the Dask backend",
-        "a Dask manager terminates once the worker side of its last tasks is done with "
-        "the scheduler (no cancel Event waits left; not measured)",
+        "a Dask manager terminates once the scheduler holds none of its tasks "
+        "(not measured)",
         "CPU: time.process_time() of the benchmark process, which also runs the "
         "LocalCluster's scheduler; the worker processes and the task processes are not "
         "counted",

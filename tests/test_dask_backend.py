@@ -37,6 +37,7 @@ import rest
 from supervisor import BackendUnavailable, Manager
 from supervisor.backends.dask import DaskBackend
 from supervisor.backends.dask.backend import _Orphans
+from supervisor.backends.dask.claims import TaskClaims
 from supervisor.backends.dask.worker import RecentIds
 
 pytestmark = pytest.mark.slow
@@ -357,23 +358,44 @@ def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cl
 # -- growth bounds ------------------------------------------------------------------------
 
 
-def test_orphans_keep_the_newest_and_hand_back_tombstones_beyond_the_bound() -> None:
-    orphans = _Orphans(pending_limit=3, tombstone_limit=2)
+def test_orphans_keep_the_newest_beyond_the_bound() -> None:
+    orphans = _Orphans(limit=3)
     for n in range(5):
-        orphans.add((f"c{n}", f"s{n}"))
+        orphans.add(f"k{n}")
     assert len(orphans) == 3 and orphans.dropped == 2
     taken = orphans.take(2)
-    assert taken == [("c2", "s2"), ("c3", "s3")]
-    orphans.add(("c5", "s5"))
-    orphans.add(("c6", "s6"))  # four pending with the two taken: the oldest go
-    orphans.put_back(taken[1:])  # the first was set, the second failed
+    assert taken == ["k2", "k3"]
+    orphans.add("k5")
+    orphans.add("k6")  # four pending with the two taken: the oldest go
+    orphans.put_back(taken[1:])  # the first was sent, the second failed
     assert len(orphans) == 3 and orphans.dropped == 3
-    assert orphans.take(10) == [("c4", "s4"), ("c5", "s5"), ("c6", "s6")]
-    orphans.settled([("c2", "s2"), ("c4", "s4")])
-    assert orphans.expired() == []
-    orphans.settled([("c5", "s5"), ("c6", "s6")])
-    assert orphans.expired() == [("c2", "s2"), ("c4", "s4")]  # the oldest, to clear
-    assert orphans.expired() == []
+    assert orphans.take(10) == ["k4", "k5", "k6"]
+    assert orphans.take(10) == []
+
+
+def test_task_claims_refuse_a_second_run_and_keep_cancels() -> None:
+    claims = TaskClaims()
+    assert claims.claim("a", "tcp://w1", rerun=False) == "run"
+    assert claims.claim("a", "tcp://w2", rerun=False) == "refused"  # its worker died
+    assert claims.claim("b", "tcp://w1", rerun=True) == "run"
+    assert claims.claim("b", "tcp://w2", rerun=True) == "run"  # opted in
+    assert claims.cancel(["c"]) == {"c": "queued"}
+    assert claims.claim("c", "tcp://w1", rerun=True) == "canceled"  # never runs
+    claims.forget(["a", "c"])
+    assert claims.claim("a", "tcp://w1", rerun=False) == "run"
+    assert claims.claim("c", "tcp://w1", rerun=False) == "run"
+
+
+def test_task_claims_keep_a_bounded_number_of_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    import supervisor.backends.dask.claims as module
+
+    monkeypatch.setattr(module, "MAX_RECORDS", 3)
+    claims = TaskClaims()
+    assert claims.cancel([f"k{n}" for n in range(5)]) == {f"k{n}": "queued" for n in range(5)}
+    assert claims.dropped == 2
+    # the two oldest cancels were dropped: those runs go ahead
+    assert [claims.claim(f"k{n}", "tcp://w", rerun=False) for n in (4, 3, 2, 1, 0)] == \
+        ["canceled", "canceled", "canceled", "run", "run"]
 
 
 def test_retired_ids_keep_only_the_newest() -> None:
