@@ -4,6 +4,7 @@ tested in test_backends.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -384,6 +385,36 @@ def test_task_claims_refuse_a_second_run_and_keep_cancels() -> None:
     claims.forget(["a", "c"])
     assert claims.claim("a", "tcp://w1", rerun=False) == "run"
     assert claims.claim("c", "tcp://w1", rerun=False) == "run"
+
+
+def test_task_claims_pass_a_cancel_on_to_the_claiming_worker() -> None:
+    sent: list[tuple[str, list[str]]] = []
+
+    class Worker:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        async def housekeeping_cancel(self, keys: list[str]) -> None:
+            sent.append((self.address, keys))
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def rpc(self, address: str) -> Worker:
+            return Worker(address)
+
+    async def scenario() -> None:
+        claims = TaskClaims()
+        await claims.start(Scheduler())
+        assert claims.claim("a", "tcp://w1", rerun=True) == "run"
+        assert claims.cancel(["a", "b"]) == {"a": "running", "b": "queued"}
+        await asyncio.sleep(0.01)
+        assert sent == [("tcp://w1", ["a"])]
+        # a second run after its worker died does not start either
+        assert claims.claim("a", "tcp://w2", rerun=True) == "canceled"
+
+    asyncio.run(scenario())
 
 
 def test_task_claims_keep_a_bounded_number_of_records(monkeypatch: pytest.MonkeyPatch) -> None:

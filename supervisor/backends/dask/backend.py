@@ -250,7 +250,11 @@ class DaskBackend(Backend):
         self._unavailable: str | None = None
         self._submit_failed = False  #: until the scheduler answers again
         self._orphans = _Orphans()  #: cancels sent once the scheduler answers
-        #: tasks done with, whose records the scheduler forgets (sent in batches)
+        #: tasks done with: their futures, released by the monitor (all at once),
+        #: and the keys whose records the scheduler may forget (None: it may not)
+        self._done: deque[tuple[str | None, Any]] = deque()
+        #: keys released, then (a round later) forgotten by the scheduler
+        self._released: deque[str] = deque(maxlen=MAX_FORGET)
         self._forget: deque[str] = deque(maxlen=MAX_FORGET)
         self._stopping = threading.Event()
         self._close_lock = threading.Lock()
@@ -496,13 +500,12 @@ class DaskBackend(Backend):
                                     time.time() if when is None else when)
 
     def _on_end(self, task_id: str, remote: _Remote, payload: Any) -> None:
-        """The worker side's outcome, as its last report."""
-        if remote.ending is not None:
-            return
-        if not isinstance(payload, dict):
+        """The worker side's outcome, as its last report (the future's result may
+        have come first: then this is the report it waited for)."""
+        if remote.ending is None and not isinstance(payload, dict):
             remote.ending = Ending(Outcome(
                 OutcomeKind.PROTOCOL, "protocol error: a bad outcome from the Dask worker"))
-        else:
+        elif remote.ending is None:
             remote.worker = str(payload.get("worker") or remote.worker)
             remote.confirmed = True
             remote.ending = _ending(payload)
@@ -587,10 +590,11 @@ class DaskBackend(Backend):
         if not self._tasks:
             self._idle.set()
         ending = remote.ending or Ending(Outcome(OutcomeKind.LOST, "no outcome from the cluster"))
-        if remote.confirmed:
-            # the worker side is done with the task: the scheduler may forget it
-            self._forget.append(remote.key)
-        else:
+        # NOTE: its future is released by the monitor, with the others of its
+        # round: a release message per task would hold back the next submit
+        # (they share the client's stream, which sends at most every 10 ms).
+        self._done.append((remote.key if remote.confirmed else None, remote.future))
+        if not remote.confirmed:
             # NOTE: the worker side may still run the task (an outage, a lost
             # report): tell it to stop. The scheduler keeps the key canceled, so
             # that a late (re-)run of the task does not run it.
@@ -656,6 +660,7 @@ class DaskBackend(Backend):
         scheduler_id = None
         while not self._stopping.wait(self.heartbeat):
             asked = time.monotonic()
+            self._release_done()
             try:
                 with self._link_lock:
                     client, lease = self._client, self._lease
@@ -681,6 +686,11 @@ class DaskBackend(Backend):
                 scheduler_id = identity.get("id")
                 self._send_orphans(client)
                 self._send_forget(client)
+                # NOTE: forgotten at the next round, once the scheduler has let
+                # the keys go: a key still wanted is computed again if its
+                # worker dies, and that run must still find the claim.
+                self._forget.extend(self._released)
+                self._released.clear()
             except Exception as exc:  # any failure is "no answer"
                 if time.monotonic() - last_answer > self.unreachable_after:
                     reason = (f"the Dask scheduler at {self.address} is unreachable "
@@ -713,19 +723,25 @@ class DaskBackend(Backend):
             self._orphans.put_back(keys)  # again at the next answer
             raise
 
+    def _release_done(self) -> None:
+        """Release the futures of the tasks done with since the last round."""
+        done = [self._done.popleft() for _ in range(len(self._done))]
+        self._released.extend(key for key, _ in done if key is not None)
+        del done  # NOTE: the last references: distributed releases each future now
+
     def _send_forget(self, client: distributed.Client) -> None:
-        """Tell the scheduler which tasks' records it may forget (a batch at a time)."""
-        keys = [self._forget.popleft() for _ in range(min(_KEYS_PER_CALL, len(self._forget)))]
-        if not keys:
-            return
+        """Tell the scheduler which tasks' records it may forget (in batches)."""
         scheduler = client.scheduler
         assert scheduler is not None
-        try:
-            client.sync(scheduler.housekeeping_forget, keys=keys,
-                        callback_timeout=self.heartbeat * 2)
-        except Exception:
-            self._forget.extendleft(reversed(keys))  # again at the next answer
-            raise
+        while self._forget:
+            keys = [self._forget.popleft()
+                    for _ in range(min(_KEYS_PER_CALL, len(self._forget)))]
+            try:
+                client.sync(scheduler.housekeeping_forget, keys=keys,
+                            callback_timeout=self.heartbeat * 2)
+            except Exception:
+                self._forget.extendleft(reversed(keys))  # again at the next answer
+                raise
 
     def _soon(self, function: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None

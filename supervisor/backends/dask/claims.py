@@ -39,10 +39,18 @@ log = logging.getLogger("housekeeping.dask")
 PLUGIN_NAME = "housekeeping-task-claims"
 #: Records kept at most; beyond it the oldest are dropped (logged).
 MAX_RECORDS = 100_000
-#: A key canceled before any worker claimed it (in place of a worker's address).
-CANCELED = ""
 #: The worker side's handler that receives the cancels of its tasks.
 WORKER_CANCEL = "housekeeping_cancel"
+
+
+class _Record:
+    """One task key: the worker that last claimed it, and whether it was canceled."""
+
+    __slots__ = ("canceled", "worker")
+
+    def __init__(self) -> None:
+        self.worker: str | None = None
+        self.canceled = False
 
 
 class TaskClaims(SchedulerPlugin):
@@ -51,7 +59,7 @@ class TaskClaims(SchedulerPlugin):
     idempotent = True  # NOTE: a second supervisor must not replace the records
 
     def __init__(self) -> None:
-        self._records: OrderedDict[str, str] = OrderedDict()
+        self._records: OrderedDict[str, _Record] = OrderedDict()
         self._scheduler: Any = None
         self._sending: set[asyncio.Task[None]] = set()
         self.dropped = 0
@@ -67,13 +75,14 @@ class TaskClaims(SchedulerPlugin):
     def claim(self, key: str, worker: str, rerun: bool) -> str:
         """A worker is about to run ``key``: may it?"""
         record = self._records.get(key)
-        if record == CANCELED:
+        if record is None:
+            record = self._records[key] = _Record()
+            self._trim()
+        if record.canceled:
             return "canceled"
-        if record is not None and not rerun:
+        if record.worker is not None and not rerun:
             return "refused"  # a second run: the first one's worker died
-        self._records[key] = worker
-        self._records.move_to_end(key)
-        self._trim()
+        record.worker = worker
         return "run"
 
     def cancel(self, keys: list[str]) -> dict[str, str]:
@@ -81,12 +90,15 @@ class TaskClaims(SchedulerPlugin):
         answers: dict[str, str] = {}
         by_worker: dict[str, list[str]] = {}
         for key in keys:
-            worker = self._records.get(key)
-            if worker:
-                by_worker.setdefault(worker, []).append(key)
+            record = self._records.get(key)
+            if record is None:
+                record = self._records[key] = _Record()
+            # NOTE: also when claimed: a second run (its worker died) must not start
+            record.canceled = True
+            if record.worker is not None:
+                by_worker.setdefault(record.worker, []).append(key)
                 answers[key] = "running"
             else:
-                self._records[key] = CANCELED
                 answers[key] = "queued"
         self._trim()
         for worker, claimed in by_worker.items():

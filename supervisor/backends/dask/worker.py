@@ -471,6 +471,7 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run(spec: dict[str, Any], worker: Any, run: _Run) -> dict[str, Any]:
     """Run the claimed task through this worker process's Manager; its outcome."""
+    import distributed
 
     def send(message: dict[str, Any]) -> None:
         worker.log_event(spec["topic"], message)
@@ -480,17 +481,26 @@ def _run(spec: dict[str, Any], worker: Any, run: _Run) -> dict[str, Any]:
     try:
         animator = pickle.loads(spec["animator"])
         local = _local()
-        local_id = local.create(spec, animator, forwarder)
+        lease = _lease(spec["lease"], distributed.get_client())
     except Exception as exc:
         reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
         return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": forwarder.sent}
     try:
-        _watch(spec, worker, local, local_id, forwarder, run)
-        # NOTE: its last lines go before the outcome, so that they are counted in "sent"
-        forwarder.log.ended.wait(CONSTS.dask_log_end_wait)
-        forwarder.log.flush()
+        try:
+            local_id = local.create(spec, animator, forwarder)
+        except Exception as exc:
+            reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
+            return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)),
+                    "sent": forwarder.sent}
+        try:
+            _watch(spec, worker, local, local_id, forwarder, run, lease)
+            # NOTE: its last lines go before the outcome, so that they are counted in "sent"
+            forwarder.log.ended.wait(CONSTS.dask_log_end_wait)
+            forwarder.log.flush()
+        finally:
+            local.forget(local_id, forwarder)
     finally:
-        local.forget(local_id, forwarder)
+        _release(lease)
     assert forwarder.final is not None
     final = {**outcome, **forwarder.final}
     if len(final.get("result_json") or "") <= END_REPORT_BYTES:
@@ -557,45 +567,39 @@ def _release(lease: _Lease) -> None:
 
 
 def _watch(spec: dict[str, Any], worker: Any, local: _Local, local_id: str,
-           forwarder: _Forwarder, run: _Run) -> None:
+           forwarder: _Forwarder, run: _Run, lease: _Lease) -> None:
     """Wait for the task's end; cancel it when asked (kill it after the supervisor's
     grace); kill it at once if the supervisor or the worker is gone."""
-    import distributed
-
     grace = min(float(spec["cancel_grace"]), GRACE_CEILING)
-    lease = _lease(spec["lease"], distributed.get_client())
     lease_timeout = float(spec["lease_timeout"])
     deadline: float | None = None  #: when a canceled task's tree is killed
-    try:
-        while True:
-            now = time.monotonic()
-            wait = CONSTS.dask_watch_interval
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - now))
-            run.wake.wait(wait)
-            run.wake.clear()  # NOTE: before the looks: a later wake is not lost
-            if forwarder.done.is_set():
-                return
-            now = time.monotonic()
-            reason = None
-            if run.canceled and deadline is None:
-                local.cancel(local_id, forwarder)
-                # NOTE: the supervisor's grace, not the local Manager's (a ceiling)
-                deadline = now + grace
-            elif deadline is not None and now >= deadline:
-                local.kill(local_id, forwarder, f"killed after cancel grace period ({grace:g} s)")
-                deadline = float("inf")  # killed once; its end comes
-            if lease.age() > lease_timeout:
-                reason = (f"killed: the supervisor's lease expired (no heartbeat "
-                          f"for {lease_timeout:g} s)")
-            elif getattr(worker.status, "name", "") in _WORKER_GONE:
-                # NOTE: a retired or closing worker is out of the cluster: the
-                # supervisor already failed the task, nobody hears from it.
-                reason = f"killed: the Dask worker is {worker.status.name}"
-            if reason is not None:
-                log.error("task %s: %s", local_id, reason)
-                local.kill(local_id, forwarder, reason)
-                forwarder.done.wait()
-                return
-    finally:
-        _release(lease)
+    while True:
+        now = time.monotonic()
+        wait = CONSTS.dask_watch_interval
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - now))
+        run.wake.wait(wait)
+        run.wake.clear()  # NOTE: before the looks: a later wake is not lost
+        if forwarder.done.is_set():
+            return
+        now = time.monotonic()
+        reason = None
+        if run.canceled and deadline is None:
+            local.cancel(local_id, forwarder)
+            # NOTE: the supervisor's grace, not the local Manager's (a ceiling)
+            deadline = now + grace
+        elif deadline is not None and now >= deadline:
+            local.kill(local_id, forwarder, f"killed after cancel grace period ({grace:g} s)")
+            deadline = float("inf")  # killed once; its end comes
+        if lease.age() > lease_timeout:
+            reason = (f"killed: the supervisor's lease expired (no heartbeat "
+                      f"for {lease_timeout:g} s)")
+        elif getattr(worker.status, "name", "") in _WORKER_GONE:
+            # NOTE: a retired or closing worker is out of the cluster: the
+            # supervisor already failed the task, nobody hears from it.
+            reason = f"killed: the Dask worker is {worker.status.name}"
+        if reason is not None:
+            log.error("task %s: %s", local_id, reason)
+            local.kill(local_id, forwarder, reason)
+            forwarder.done.wait()
+            return
