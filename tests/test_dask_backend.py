@@ -39,7 +39,7 @@ from supervisor import BackendUnavailable, Manager
 from supervisor.backends.dask import DaskBackend
 from supervisor.backends.dask.backend import _Orphans
 from supervisor.backends.dask.claims import TaskClaims
-from supervisor.backends.dask.worker import RecentIds
+from supervisor.backends.dask.worker import RecentIds, _claim
 
 pytestmark = pytest.mark.slow
 
@@ -323,6 +323,28 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     assert done["state"] == "SUCCEEDED", done
 
 
+def test_a_scheduler_lost_before_the_first_heartbeat_gets_the_claims_again(
+    manager: Any, own_cluster: Cluster
+) -> None:
+    # the monitor has not heard from the scheduler yet when it goes: the new one
+    # must still get the claims plugin (and the cancel of the task failed meanwhile)
+    backend = DaskBackend(own_cluster.address, heartbeat=2.0, unreachable_after=1.0,
+                          lease_timeout=6.0, connect_timeout=5.0)
+    m = manager(backend=backend, max_workers=1, cancel_grace=0.5)
+    m.register_animator("COOP", animators.Cooperative())
+    m.register_animator("QUICK", animators.Quick())
+    running = m.run_task({"operation": "COOP"})
+    pid = wait_ready(m, running)["pid"]
+    own_cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
+    assert wait_terminal(m, running)["state"] == "FAILED"
+    wait_for(lambda: pids_gone(pid), timeout=20)
+    own_cluster.procs[0].wait(10)
+    own_cluster.scheduler()
+    own_cluster.worker()
+    task_id = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=60, interval=0.2)
+    assert wait_terminal(m, task_id, timeout=60)["state"] == "SUCCEEDED"
+
+
 def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(
     manager: Any, own_cluster: Cluster
 ) -> None:
@@ -415,6 +437,22 @@ def test_task_claims_pass_a_cancel_on_to_the_claiming_worker() -> None:
         assert claims.claim("a", "tcp://w2", rerun=True) == "canceled"
 
     asyncio.run(scenario())
+
+
+def test_a_run_registers_the_claims_on_a_scheduler_without_them() -> None:
+    """A scheduler restarted since its supervisors registered the plugin: the first
+    run there registers it (a new scheduler holds no earlier run of a task)."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        spec = {"key": "housekeeping-test-1", "rerun": False}
+
+        def claim_twice() -> list[str]:
+            worker = distributed.get_worker()
+            return [_claim(worker, spec), _claim(worker, spec)]
+
+        assert client.submit(claim_twice, pure=False).result(timeout=TIMEOUT) == \
+            ["run", "refused"]
 
 
 def test_task_claims_keep_a_bounded_number_of_records(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -270,6 +270,7 @@ class DaskBackend(Backend):
         # behalf (cancel, clean-up): they keep their order and never block it.
         self._calls = concurrent.futures.ThreadPoolExecutor(1, "housekeeping-dask-call")
         self._monitor: threading.Thread | None = None
+        self._scheduler_id: str | None = None
         self._client = self._connect()
         self._lease = distributed.Variable(self._lease_name, client=self._client)
         self._lease_count = 0
@@ -298,6 +299,8 @@ class DaskBackend(Backend):
         )
         try:
             _register_claims(client)
+            #: the scheduler that has the plugin and the subscription (see the monitor)
+            self._scheduler_id = client.scheduler_info().get("id")
         except BaseException:
             client.close()
             raise
@@ -397,8 +400,13 @@ class DaskBackend(Backend):
         assert scheduler is not None
         answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
                              callback_timeout=self.heartbeat * 2)
+        if answer is None:
+            # NOTE: an unknown handler answers None: a scheduler restarted since
+            # the plugin was registered (the monitor registers it again, too)
+            _register_claims(client)
+            answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
+                                 callback_timeout=self.heartbeat * 2)
         if not isinstance(answer, dict):
-            # NOTE: a restarted scheduler without the plugin (yet) answers None
             raise RuntimeError("the scheduler does not keep housekeeping's task claims")
         return answer
 
@@ -657,7 +665,7 @@ class DaskBackend(Backend):
         """Renew the lease; notice a lost scheduler and lost workers."""
         assert self._loop is not None
         last_answer = time.monotonic()
-        scheduler_id = None
+        scheduler_id = self._scheduler_id
         while not self._stopping.wait(self.heartbeat):
             asked = time.monotonic()
             self._release_done()
@@ -670,6 +678,7 @@ class DaskBackend(Backend):
                     if replaced is None:
                         return  # closing
                     client, lease = replaced
+                    scheduler_id = self._scheduler_id
                 self._lease_count += 1
                 lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
                 scheduler = client.scheduler
@@ -677,7 +686,7 @@ class DaskBackend(Backend):
                 identity = client.sync(
                     scheduler.identity, n_workers=-1, callback_timeout=self.heartbeat * 2,
                 )
-                if scheduler_id is not None and identity.get("id") != scheduler_id:
+                if identity.get("id") != scheduler_id:
                     # NOTE: a client reconnected to a restarted scheduler does
                     # not renew its topic subscriptions; the new one has none,
                     # nor the plugin that keeps the task claims.

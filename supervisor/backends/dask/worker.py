@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from supervisor.backends.dask.claims import WORKER_CANCEL
+from supervisor.backends.dask.claims import PLUGIN_NAME, WORKER_CANCEL, TaskClaims
 from supervisor.consts import CONSTS
 from supervisor.errors import TaskNotFound
 from supervisor.manager import Manager
@@ -415,13 +415,22 @@ def _on_cancel(keys: list[str]) -> None:
 def _claim(worker: Any, spec: dict[str, Any]) -> str:
     """Ask the scheduler whether this run may start (one round trip); see
     :mod:`supervisor.backends.dask.claims`."""
+    import distributed
     from distributed.utils import sync
 
-    answer = sync(worker.loop, worker.scheduler.housekeeping_claim, key=spec["key"],
-                  worker=worker.address, rerun=bool(spec["rerun"]),
-                  callback_timeout=CONSTS.dask_claim_timeout)
+    def ask() -> Any:
+        return sync(worker.loop, worker.scheduler.housekeeping_claim, key=spec["key"],
+                    worker=worker.address, rerun=bool(spec["rerun"]),
+                    callback_timeout=CONSTS.dask_claim_timeout)
+
+    answer = ask()
+    if answer is None:
+        # NOTE: an unknown handler answers None: a scheduler restarted since
+        # the supervisor registered the plugin (it does so again within a
+        # heartbeat). A new scheduler holds no earlier run of this task.
+        distributed.get_client().register_plugin(TaskClaims(), name=PLUGIN_NAME)
+        answer = ask()
     if answer not in ("run", "canceled", "refused"):
-        # NOTE: an unknown handler answers None: the plugin is not registered
         raise RuntimeError(f"the scheduler does not keep housekeeping's task claims "
                            f"(answered {answer!r})")
     return str(answer)
