@@ -6,8 +6,8 @@ through a Manager of the worker's own (the local backend),
 so a task gets on the worker what it gets here: a process of its own, its
 ``timeout`` and ``max_memory``, crash detection and a whole-tree kill.
 
-Channels, all Dask's own (``distributed`` is imported only by this module and
-the worker side; install it with ``pip install housekeeping-supervisor[dask]``):
+Channels, Dask's own and one scheduler plugin (``distributed`` is imported only
+by this subpackage; install it with ``pip install housekeeping-supervisor[dask]``):
 
 * reports: the worker's ``log_event`` on one topic per supervisor, which the
   client subscribes to; ordered per task, the outcome last;
@@ -23,8 +23,11 @@ the worker side; install it with ``pip install housekeeping-supervisor[dask]``):
   ``heartbeat`` seconds; a worker that sees no renewal for ``lease_timeout``
   seconds kills its task's tree (the supervisor died without terminating).
 
-A monitor thread renews the lease, and checks that the scheduler answers and
-that the worker of every running task is still in the cluster.
+A monitor thread renews the lease, checks that the scheduler answers and that
+the worker of every running task is still in the cluster, and once per
+heartbeat releases the futures of the tasks done with and tells the plugin
+which records it may forget (per task, these would share the client's
+batched stream with the next submit).
 
 :func:`local_cluster` (``DaskBackend.local``) starts a cluster on loopback that
 opens no HTTP port (Dask's dashboard, ``/metrics``, ``/health``) unless a
