@@ -66,11 +66,12 @@ class Consts:
     subscribers_stop_timeout: float = 2.0
 
     # -- the Dask backend ----------------------------------------------------------
-    #: Longest wait of a worker-side thread on a task's cancel Event (it returns at
-    #: once when the Event is set); bounds how long the thread outlives its task.
-    dask_cancel_poll: float = 0.25
+    #: How long a run on a worker waits for the scheduler's answer to its claim
+    #: (may it start?) before it gives up without running the animator.
+    dask_claim_timeout: float = 10.0
     #: How often a worker process reads a supervisor's lease, and how often the
-    #: thread that waits for a task looks at the lease and the worker's status.
+    #: thread that waits for a task looks at the lease and the worker's status
+    #: (it wakes at once for the task's end or its cancel).
     dask_lease_poll: float = 1.0
     dask_watch_interval: float = 0.25
     #: A batch of a remote task's log lines goes at most this long after its first line.

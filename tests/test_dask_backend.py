@@ -4,6 +4,7 @@ tested in test_backends.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -37,7 +38,8 @@ import rest
 from supervisor import BackendUnavailable, Manager
 from supervisor.backends.dask import DaskBackend
 from supervisor.backends.dask.backend import _Orphans
-from supervisor.backends.dask.worker import RecentIds
+from supervisor.backends.dask.claims import TaskClaims
+from supervisor.backends.dask.worker import RecentIds, _claim
 
 pytestmark = pytest.mark.slow
 
@@ -321,6 +323,28 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     assert done["state"] == "SUCCEEDED", done
 
 
+def test_a_scheduler_lost_before_the_first_heartbeat_gets_the_claims_again(
+    manager: Any, own_cluster: Cluster
+) -> None:
+    # the monitor has not heard from the scheduler yet when it goes: the new one
+    # must still get the claims plugin (and the cancel of the task failed meanwhile)
+    backend = DaskBackend(own_cluster.address, heartbeat=2.0, unreachable_after=1.0,
+                          lease_timeout=6.0, connect_timeout=5.0)
+    m = manager(backend=backend, max_workers=1, cancel_grace=0.5)
+    m.register_animator("COOP", animators.Cooperative())
+    m.register_animator("QUICK", animators.Quick())
+    running = m.run_task({"operation": "COOP"})
+    pid = wait_ready(m, running)["pid"]
+    own_cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
+    assert wait_terminal(m, running)["state"] == "FAILED"
+    wait_for(lambda: pids_gone(pid), timeout=20)
+    own_cluster.procs[0].wait(10)
+    own_cluster.scheduler()
+    own_cluster.worker()
+    task_id = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=60, interval=0.2)
+    assert wait_terminal(m, task_id, timeout=60)["state"] == "SUCCEEDED"
+
+
 def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(
     manager: Any, own_cluster: Cluster
 ) -> None:
@@ -357,23 +381,90 @@ def test_terminate_with_the_scheduler_gone_returns(manager: Any, own_cluster: Cl
 # -- growth bounds ------------------------------------------------------------------------
 
 
-def test_orphans_keep_the_newest_and_hand_back_tombstones_beyond_the_bound() -> None:
-    orphans = _Orphans(pending_limit=3, tombstone_limit=2)
+def test_orphans_keep_the_newest_beyond_the_bound() -> None:
+    orphans = _Orphans(limit=3)
     for n in range(5):
-        orphans.add((f"c{n}", f"s{n}"))
+        orphans.add(f"k{n}")
     assert len(orphans) == 3 and orphans.dropped == 2
     taken = orphans.take(2)
-    assert taken == [("c2", "s2"), ("c3", "s3")]
-    orphans.add(("c5", "s5"))
-    orphans.add(("c6", "s6"))  # four pending with the two taken: the oldest go
-    orphans.put_back(taken[1:])  # the first was set, the second failed
+    assert taken == ["k2", "k3"]
+    orphans.add("k5")
+    orphans.add("k6")  # four pending with the two taken: the oldest go
+    orphans.put_back(taken[1:])  # the first was sent, the second failed
     assert len(orphans) == 3 and orphans.dropped == 3
-    assert orphans.take(10) == [("c4", "s4"), ("c5", "s5"), ("c6", "s6")]
-    orphans.settled([("c2", "s2"), ("c4", "s4")])
-    assert orphans.expired() == []
-    orphans.settled([("c5", "s5"), ("c6", "s6")])
-    assert orphans.expired() == [("c2", "s2"), ("c4", "s4")]  # the oldest, to clear
-    assert orphans.expired() == []
+    assert orphans.take(10) == ["k4", "k5", "k6"]
+    assert orphans.take(10) == []
+
+
+def test_task_claims_refuse_a_second_run_and_keep_cancels() -> None:
+    claims = TaskClaims()
+    assert claims.claim("a", "tcp://w1", rerun=False) == "run"
+    assert claims.claim("a", "tcp://w2", rerun=False) == "refused"  # its worker died
+    assert claims.claim("b", "tcp://w1", rerun=True) == "run"
+    assert claims.claim("b", "tcp://w2", rerun=True) == "run"  # opted in
+    assert claims.cancel(["c"]) == {"c": "queued"}
+    assert claims.claim("c", "tcp://w1", rerun=True) == "canceled"  # never runs
+    claims.forget(["a", "c"])
+    assert claims.claim("a", "tcp://w1", rerun=False) == "run"
+    assert claims.claim("c", "tcp://w1", rerun=False) == "run"
+
+
+def test_task_claims_pass_a_cancel_on_to_the_claiming_worker() -> None:
+    sent: list[tuple[str, list[str]]] = []
+
+    class Worker:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
+        async def housekeeping_cancel(self, keys: list[str]) -> None:
+            sent.append((self.address, keys))
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def rpc(self, address: str) -> Worker:
+            return Worker(address)
+
+    async def scenario() -> None:
+        claims = TaskClaims()
+        await claims.start(Scheduler())
+        assert claims.claim("a", "tcp://w1", rerun=True) == "run"
+        assert claims.cancel(["a", "b"]) == {"a": "running", "b": "queued"}
+        await asyncio.sleep(0.01)
+        assert sent == [("tcp://w1", ["a"])]
+        # a second run after its worker died does not start either
+        assert claims.claim("a", "tcp://w2", rerun=True) == "canceled"
+
+    asyncio.run(scenario())
+
+
+def test_a_run_registers_the_claims_on_a_scheduler_without_them() -> None:
+    """A scheduler restarted since its supervisors registered the plugin: the first
+    run there registers it (a new scheduler holds no earlier run of a task)."""
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        spec = {"key": "housekeeping-test-1", "rerun": False}
+
+        def claim_twice() -> list[str]:
+            worker = distributed.get_worker()
+            return [_claim(worker, spec), _claim(worker, spec)]
+
+        assert client.submit(claim_twice, pure=False).result(timeout=TIMEOUT) == \
+            ["run", "refused"]
+
+
+def test_task_claims_keep_a_bounded_number_of_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    import supervisor.backends.dask.claims as module
+
+    monkeypatch.setattr(module, "MAX_RECORDS", 3)
+    claims = TaskClaims()
+    assert claims.cancel([f"k{n}" for n in range(5)]) == {f"k{n}": "queued" for n in range(5)}
+    assert claims.dropped == 2
+    # the two oldest cancels were dropped: those runs go ahead
+    assert [claims.claim(f"k{n}", "tcp://w", rerun=False) for n in (4, 3, 2, 1, 0)] == \
+        ["canceled", "canceled", "canceled", "run", "run"]
 
 
 def test_retired_ids_keep_only_the_newest() -> None:

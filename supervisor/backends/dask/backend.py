@@ -6,21 +6,28 @@ through a Manager of the worker's own (the local backend),
 so a task gets on the worker what it gets here: a process of its own, its
 ``timeout`` and ``max_memory``, crash detection and a whole-tree kill.
 
-Channels, all Dask's own (``distributed`` is imported only by this module and
-the worker side; install it with ``pip install housekeeping-supervisor[dask]``):
+Channels, Dask's own and one scheduler plugin (``distributed`` is imported only
+by this subpackage; install it with ``pip install housekeeping-supervisor[dask]``):
 
 * reports: the worker's ``log_event`` on one topic per supervisor, which the
-  client subscribes to; ordered per task, counted so that the outcome is
-  recorded only after every report sent before it;
-* cancel: a ``distributed.Event`` per task; the worker side tells its task
-  process, waits ``cancel_grace``, kills the tree and reports CANCELED;
-* the outcome: the Dask future's result;
+  client subscribes to; ordered per task, the outcome last;
+* claims and cancels: a scheduler plugin of this package
+  (:mod:`supervisor.backends.dask.claims`) that a run asks, in one round trip,
+  whether it may start (not canceled, not a second run), and that passes a
+  cancel on to the worker that claimed the task; the worker side tells its
+  task process, waits ``cancel_grace``, kills the tree and reports CANCELED;
+* the outcome: the last report, and the Dask future's result (what counts
+  when the report cannot come: a large result, a failed or lost run), which
+  is then recorded only after every report sent before it;
 * a lease: a ``distributed.Variable`` this supervisor renews every
   ``heartbeat`` seconds; a worker that sees no renewal for ``lease_timeout``
   seconds kills its task's tree (the supervisor died without terminating).
 
-A monitor thread renews the lease, and checks that the scheduler answers and
-that the worker of every running task is still in the cluster.
+A monitor thread renews the lease, checks that the scheduler answers and that
+the worker of every running task is still in the cluster, and once per
+heartbeat releases the futures of the tasks done with and tells the plugin
+which records it may forget (per task, these would share the client's
+batched stream with the next submit).
 
 :func:`local_cluster` (``DaskBackend.local``) starts a cluster on loopback that
 opens no HTTP port (Dask's dashboard, ``/metrics``, ``/health``) unless a
@@ -37,7 +44,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -46,6 +53,7 @@ import distributed
 import distributed.worker_memory
 
 from supervisor.backend import Backend, Host, Launch, Registration
+from supervisor.backends.dask.claims import PLUGIN_NAME, TaskClaims
 from supervisor.backends.dask.worker import run_task_on_worker
 from supervisor.consts import CONSTS
 from supervisor.outcome import Ending, Outcome, OutcomeKind, Usage
@@ -64,14 +72,14 @@ log = logging.getLogger("housekeeping.dask")
 
 #: Log lines taken from one report (the worker sends at most LOG_BATCH_LINES).
 _MAX_LOG_BATCH = 10_000
-#: Tasks that ended here without their worker side's word whose cancel Event is
-#: still to be set (the scheduler is unreachable); beyond it the oldest are dropped.
+#: Cancels still to send (the scheduler did not answer): tasks canceled, and tasks
+#: that ended here without their worker side's word; beyond it the oldest are dropped.
 MAX_ORPHANS = 10_000
-#: Their Events kept on the scheduler as tombstones once set; beyond it the
-#: oldest are cleared (deleted there).
-MAX_TOMBSTONES = 10_000
-#: Orphans' cancel Events set per answer of the scheduler.
-_ORPHANS_PER_ROUND = 100
+#: Keys sent per call to the scheduler (cancels, and the tasks it may forget).
+_KEYS_PER_CALL = 1000
+#: Tasks done with whose records the scheduler is still to forget; beyond it
+#: the oldest are left there (the plugin bounds its records).
+MAX_FORGET = 100_000
 #: Why distributed cancels every future of a client that lost the scheduler.
 _CONNECTION_LOST = "scheduler-connection-lost"
 
@@ -92,69 +100,53 @@ class _Remote:
     confirmed: bool = False  #: the outcome came from the worker side
     worker_since: float = 0.0  #: when ``worker`` was learned (time.monotonic())
     timer: asyncio.TimerHandle | None = None
-    names: tuple[str, str] = field(default=("", ""))  #: the cancel and started Events
 
 
 class _Orphans:
-    """Tasks that ended here without word from their worker side, which may still
-    run them: their cancel Events still to set, then both their Events kept on
-    the scheduler as tombstones (a late (re-)run sees them and does not run).
+    """Cancels still to send to the scheduler, oldest first (any thread).
 
-    Both are bounded (any thread): pending names beyond ``pending_limit`` drop
-    the oldest (logged), tombstones beyond ``tombstone_limit`` are handed back
-    by :meth:`expired` to be cleared on the scheduler.
+    Tasks canceled while the scheduler did not answer, and tasks that ended
+    here without word from their worker side, which may still run them (an
+    outage, a lost report): once sent, the scheduler passes the cancel on to
+    the worker, or keeps the key as canceled so that a late (re-)run refuses.
+    Bounded: keys beyond ``limit`` drop the oldest (logged).
     """
 
-    def __init__(self, pending_limit: int = MAX_ORPHANS,
-                 tombstone_limit: int = MAX_TOMBSTONES) -> None:
+    def __init__(self, limit: int = MAX_ORPHANS) -> None:
         self._lock = threading.Lock()
-        self._pending: deque[tuple[str, str]] = deque()
-        self._tombstones: deque[tuple[str, str]] = deque()
-        self._pending_limit = pending_limit
-        self._tombstone_limit = tombstone_limit
-        self.dropped = 0  #: pending ones dropped, oldest first
+        self._pending: deque[str] = deque()
+        self._limit = limit
+        self.dropped = 0  #: dropped, oldest first
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
 
-    def add(self, names: tuple[str, str]) -> None:
-        """A task's (cancel, started) Event names, to set the cancel Event of."""
+    def add(self, key: str) -> None:
+        """A task's Dask key, to send the cancel of."""
         with self._lock:
-            self._pending.append(names)
+            self._pending.append(key)
             self._trim()
 
-    def take(self, count: int) -> list[tuple[str, str]]:
-        """Up to ``count`` pending ones, oldest first; :meth:`put_back` those not set."""
+    def take(self, count: int) -> list[str]:
+        """Up to ``count`` pending ones, oldest first; :meth:`put_back` those not sent."""
         with self._lock:
             return [self._pending.popleft() for _ in range(min(count, len(self._pending)))]
 
-    def put_back(self, names: list[tuple[str, str]]) -> None:
+    def put_back(self, keys: list[str]) -> None:
         """Pending again, before the others (the oldest, if they are too many)."""
         with self._lock:
-            self._pending.extendleft(reversed(names))
+            self._pending.extendleft(reversed(keys))
             self._trim()
 
-    def settled(self, names: list[tuple[str, str]]) -> None:
-        """Their cancel Events are set: keep them as tombstones."""
-        with self._lock:
-            self._tombstones.extend(names)
-
-    def expired(self) -> list[tuple[str, str]]:
-        """The oldest tombstones beyond the limit, taken: their Events are to be
-        cleared (:meth:`settled` again those that could not be)."""
-        with self._lock:
-            excess = len(self._tombstones) - self._tombstone_limit
-            return [self._tombstones.popleft() for _ in range(max(0, excess))]
-
     def _trim(self) -> None:
-        excess = len(self._pending) - self._pending_limit
+        excess = len(self._pending) - self._limit
         if excess > 0:
             for _ in range(excess):
                 self._pending.popleft()
             self.dropped += excess
-            log.warning("%d tasks ended without word from their Dask worker and their "
-                        "cancel could not be sent; dropped the oldest %d (%d in all)",
+            log.warning("%d cancels of tasks on the Dask cluster could not be sent; "
+                        "dropped the oldest %d (%d in all)",
                         len(self._pending) + excess, excess, self.dropped)
 
 
@@ -260,7 +252,13 @@ class DaskBackend(Backend):
         self._tasks: dict[str, _Remote] = {}
         self._unavailable: str | None = None
         self._submit_failed = False  #: until the scheduler answers again
-        self._orphans = _Orphans()  #: their cancel Events are set once reachable
+        self._orphans = _Orphans()  #: cancels sent once the scheduler answers
+        #: tasks done with: their futures, released by the monitor (all at once),
+        #: and the keys whose records the scheduler may forget (None: it may not)
+        self._done: deque[tuple[str | None, Any]] = deque()
+        #: keys released, then (a round later) forgotten by the scheduler
+        self._released: deque[str] = deque(maxlen=MAX_FORGET)
+        self._forget: deque[str] = deque(maxlen=MAX_FORGET)
         self._stopping = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
@@ -275,6 +273,7 @@ class DaskBackend(Backend):
         # behalf (cancel, clean-up): they keep their order and never block it.
         self._calls = concurrent.futures.ThreadPoolExecutor(1, "housekeeping-dask-call")
         self._monitor: threading.Thread | None = None
+        self._scheduler_id: str | None = None
         self._client = self._connect()
         self._lease = distributed.Variable(self._lease_name, client=self._client)
         self._lease_count = 0
@@ -301,6 +300,13 @@ class DaskBackend(Backend):
         client = distributed.Client(
             self.address, set_as_default=False, timeout=self._connect_timeout
         )
+        try:
+            _register_claims(client)
+            #: the scheduler that has the plugin and the subscription (see the monitor)
+            self._scheduler_id = client.scheduler_info().get("id")
+        except BaseException:
+            client.close()
+            raise
         client.subscribe_topic(self._topic, self._on_event)
         return client
 
@@ -319,9 +325,6 @@ class DaskBackend(Backend):
         with self._link_lock:
             return self._client
 
-    def _event(self, name: str) -> distributed.Event:
-        return distributed.Event(name, client=self._current())
-
     def default_max_workers(self) -> int | None:
         """The cluster's worker threads when the manager starts."""
         workers = self._current().scheduler_info()["workers"].values()
@@ -336,14 +339,14 @@ class DaskBackend(Backend):
     def start(self, launch: Launch) -> bool:
         registration = launch.registration
         key = f"housekeeping-{self._id}-{launch.task_id}"
-        remote = _Remote(key, names=(f"{key}-cancel", f"{key}-started"),
-                         rerun=bool(getattr(registration.animator, "rerun_on_worker_loss",
-                                            False)))
+        remote = _Remote(key, rerun=bool(getattr(registration.animator,
+                                                 "rerun_on_worker_loss", False)))
         task = launch.task
         create = {name: task[name] for name in
                   ("operation", "objectId", "serviceStates", "args") if name in task}
         spec = {
             "task_id": launch.task_id,
+            "key": key,
             "create": create,
             "operation": task["operation"],
             "animator": registration.pickled,
@@ -353,11 +356,9 @@ class DaskBackend(Backend):
             "sandbox": (registration.requested_sandbox or registration.sandbox).to_dict(),
             "cancel_grace": self.host.cancel_grace,
             "topic": self._topic,
-            "cancel": remote.names[0],
-            "started": remote.names[1],
             "lease": self._lease_name,
             "lease_timeout": self.lease_timeout,
-            "rerun": bool(getattr(registration.animator, "rerun_on_worker_loss", False)),
+            "rerun": remote.rerun,
         }
         try:
             remote.future = self._current().submit(
@@ -380,19 +381,44 @@ class DaskBackend(Backend):
         if remote is None or remote.canceled:
             return
         remote.canceled = True
-        name = remote.names[0]
-        self._call(lambda: self._event(name).set())
-        if remote.received == 0 and remote.future is not None:
-            # NOTE: not started on a worker yet (as far as we know): take it off
-            # Dask's queue; if it did just start, the Event stops it there.
-            self._call(remote.future.cancel)
+        future = remote.future
+        self._call(lambda: self._send_cancel(remote.key, future))
+
+    def _send_cancel(self, key: str, future: Any) -> None:
+        """Cancel a task through the scheduler (off the loop): on the worker that
+        claimed it, or, not claimed yet, before it runs and in Dask's queue."""
+        try:
+            answer = self._cancel_keys(self._current(), [key])
+        except Exception as exc:
+            log.debug("cannot send the cancel of %s yet: %s", key, exc)
+            self._orphans.add(key)  # sent again once the scheduler answers
+            return
+        if answer.get(key) == "queued" and future is not None:
+            # NOTE: no worker claimed it: take it off Dask's queue (a run that
+            # starts meanwhile refuses); it ends CANCELED from NEW
+            future.cancel()
+
+    def _cancel_keys(self, client: distributed.Client, keys: list[str]) -> dict[str, str]:
+        scheduler = client.scheduler
+        assert scheduler is not None
+        answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
+                             callback_timeout=self.heartbeat * 2)
+        if answer is None:
+            # NOTE: an unknown handler answers None: a scheduler restarted since
+            # the plugin was registered (the monitor registers it again, too)
+            _register_claims(client)
+            answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
+                                 callback_timeout=self.heartbeat * 2)
+        if not isinstance(answer, dict):
+            raise RuntimeError("the scheduler does not keep housekeeping's task claims")
+        return answer
 
     def kill(self, task_id: str, reason: str) -> None:
         """Tell the worker side to end the task (as :meth:`cancel`).
 
-        NOTE: the worker side has one channel for this (the cancel Event): it
-        kills the tree after this supervisor's cancel grace, or at once when
-        this supervisor's lease expires. The outcome is the worker's.
+        NOTE: the worker side has one channel for this (the cancel): it kills
+        the tree after this supervisor's cancel grace, or at once when this
+        supervisor's lease expires. The outcome is the worker's.
         """
         log.info("task %s: kill asked (%s); the Dask worker ends it as a cancel",
                  task_id, reason)
@@ -442,6 +468,10 @@ class DaskBackend(Backend):
             remote.received = 1
             remote.worker = str(message["run"])
             remote.worker_since = time.monotonic()
+        if "end" in message:
+            # NOTE: the last report of the run: every earlier one came before it
+            self._on_end(task_id, remote, message["end"])
+            return
         reports: list[Progress | StateChanged | Note] = [
             Note(str(text)) for text in message.get("notes", ())]
         if "state" in message:
@@ -480,8 +510,23 @@ class DaskBackend(Backend):
         self.host.task_output_lines(task_id, key[0], texts,
                                     time.time() if when is None else when)
 
+    def _on_end(self, task_id: str, remote: _Remote, payload: Any) -> None:
+        """The worker side's outcome, as its last report (the future's result may
+        have come first: then this is the report it waited for)."""
+        if remote.ending is None and not isinstance(payload, dict):
+            remote.ending = Ending(Outcome(
+                OutcomeKind.PROTOCOL, "protocol error: a bad outcome from the Dask worker"))
+        elif remote.ending is None:
+            remote.worker = str(payload.get("worker") or remote.worker)
+            remote.confirmed = True
+            remote.ending = _ending(payload)
+        self._finish(task_id)
+
     def _on_done(self, task_id: str, future: Any) -> None:
         """The Dask future is done (on Dask's callback thread): fetch the outcome."""
+        remote = self._tasks.get(task_id)
+        if remote is None or remote.ending is not None:
+            return  # NOTE: done with already (its last report): no fetch from the worker
         try:
             payload: Any = future.result()
             error: BaseException | None = None
@@ -556,17 +601,17 @@ class DaskBackend(Backend):
         if not self._tasks:
             self._idle.set()
         ending = remote.ending or Ending(Outcome(OutcomeKind.LOST, "no outcome from the cluster"))
-        if remote.confirmed:
-            # the worker side is done with the task: its Events can go
-            names = remote.names
-            self._call(lambda: [self._event(name).clear() for name in names])
-        else:
+        # NOTE: its future is released by the monitor, with the others of its
+        # round: a release message per task would hold back the next submit
+        # (they share the client's stream, which sends at most every 10 ms).
+        self._done.append((remote.key if remote.confirmed else None, remote.future))
+        if not remote.confirmed:
             # NOTE: the worker side may still run the task (an outage, a lost
-            # report): tell it to stop. Both Events stay, as tombstones: a
-            # late (re-)run of the task sees them and does not run it.
+            # report): tell it to stop. The scheduler keeps the key canceled, so
+            # that a late (re-)run of the task does not run it.
             if remote.future is not None and not remote.future.done():
                 self._call(remote.future.cancel)
-            self._orphans.add(remote.names)
+            self._orphans.add(remote.key)
         self.host.task_finished(task_id, ending)
         self.host.task_output_closed(task_id)  # NOTE: its lines came before its outcome
 
@@ -623,9 +668,10 @@ class DaskBackend(Backend):
         """Renew the lease; notice a lost scheduler and lost workers."""
         assert self._loop is not None
         last_answer = time.monotonic()
-        scheduler_id = None
+        scheduler_id = self._scheduler_id
         while not self._stopping.wait(self.heartbeat):
             asked = time.monotonic()
+            self._release_done()
             try:
                 with self._link_lock:
                     client, lease = self._client, self._lease
@@ -635,6 +681,7 @@ class DaskBackend(Backend):
                     if replaced is None:
                         return  # closing
                     client, lease = replaced
+                    scheduler_id = self._scheduler_id
                 self._lease_count += 1
                 lease.set(self._lease_count, callback_timeout=self.heartbeat * 2)
                 scheduler = client.scheduler
@@ -642,12 +689,20 @@ class DaskBackend(Backend):
                 identity = client.sync(
                     scheduler.identity, n_workers=-1, callback_timeout=self.heartbeat * 2,
                 )
-                if scheduler_id is not None and identity.get("id") != scheduler_id:
+                if identity.get("id") != scheduler_id:
                     # NOTE: a client reconnected to a restarted scheduler does
-                    # not renew its topic subscriptions; the new one has none.
+                    # not renew its topic subscriptions; the new one has none,
+                    # nor the plugin that keeps the task claims.
+                    _register_claims(client)
                     client.subscribe_topic(self._topic, self._on_event)
                 scheduler_id = identity.get("id")
-                self._set_orphans(client)
+                self._send_orphans(client)
+                self._send_forget(client)
+                # NOTE: forgotten at the next round, once the scheduler has let
+                # the keys go: a key still wanted is computed again if its
+                # worker dies, and that run must still find the claim.
+                self._forget.extend(self._released)
+                self._released.clear()
             except Exception as exc:  # any failure is "no answer"
                 if time.monotonic() - last_answer > self.unreachable_after:
                     reason = (f"the Dask scheduler at {self.address} is unreachable "
@@ -669,29 +724,35 @@ class DaskBackend(Backend):
         client.close()  # NOTE: _close() has taken the old one to close; not this one
         return None
 
-    def _set_orphans(self, client: distributed.Client) -> None:
-        """Set the cancel Event of each task that ended here without its worker's
-        word (a round at a time); clear the oldest tombstones beyond the bound."""
+    def _send_orphans(self, client: distributed.Client) -> None:
+        """Send the cancels still pending (a batch at a time)."""
+        keys = self._orphans.take(_KEYS_PER_CALL)
+        if not keys:
+            return
+        try:
+            self._cancel_keys(client, keys)
+        except Exception:
+            self._orphans.put_back(keys)  # again at the next answer
+            raise
+
+    def _release_done(self) -> None:
+        """Release the futures of the tasks done with since the last round."""
+        done = [self._done.popleft() for _ in range(len(self._done))]
+        self._released.extend(key for key, _ in done if key is not None)
+        del done  # NOTE: the last references: distributed releases each future now
+
+    def _send_forget(self, client: distributed.Client) -> None:
+        """Tell the scheduler which tasks' records it may forget (in batches)."""
         scheduler = client.scheduler
         assert scheduler is not None
-        names = self._orphans.take(_ORPHANS_PER_ROUND)
-        for index, (cancel, _) in enumerate(names):
+        while self._forget:
+            keys = [self._forget.popleft()
+                    for _ in range(min(_KEYS_PER_CALL, len(self._forget)))]
             try:
-                client.sync(scheduler.event_set, name=cancel,
+                client.sync(scheduler.housekeeping_forget, keys=keys,
                             callback_timeout=self.heartbeat * 2)
             except Exception:
-                self._orphans.put_back(names[index:])  # again at the next answer
-                self._orphans.settled(names[:index])
-                raise
-        self._orphans.settled(names)
-        expired = self._orphans.expired()
-        for index, pair in enumerate(expired):
-            try:
-                for name in pair:
-                    client.sync(scheduler.event_clear, name=name,
-                                callback_timeout=self.heartbeat * 2)
-            except Exception:
-                self._orphans.settled(expired[index:])  # again at the next answer
+                self._forget.extendleft(reversed(keys))  # again at the next answer
                 raise
 
     def _soon(self, function: Callable[..., None], *args: Any) -> None:
@@ -735,6 +796,12 @@ class DaskBackend(Backend):
                     self._cluster.close(timeout=CONSTS.dask_close_step_timeout * 2)
                 except Exception as exc:
                     log.warning("closing the local Dask cluster: %s", exc)
+
+
+def _register_claims(client: distributed.Client) -> None:
+    """Register the plugin that keeps the task claims on the client's scheduler
+    (once per scheduler: a second registration leaves the first in place)."""
+    client.register_plugin(TaskClaims(), name=PLUGIN_NAME)
 
 
 def _cancel_reason(error: BaseException | None) -> str | None:

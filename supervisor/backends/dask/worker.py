@@ -6,25 +6,31 @@ backend that lives in the Dask worker process (one per process, started at
 the first task, shared by every supervisor), so the task runs exactly as it
 would on the supervisor's machine: a process of its own running the same
 ``workers`` child code, with its ``timeout``, ``max_memory``, crash detection
-and whole-tree kill. Each task's ``cancel_grace`` is its own supervisor's,
-kept by the thread that waits for its cancel.
+and whole-tree kill. The local Manager keeps task processes forked ahead of
+need, so a task does not wait for a fork. Each task's ``cancel_grace`` is its
+own supervisor's, kept by the Dask thread that waits for the task.
 
 ::
 
     supervisor                 scheduler                  Dask worker process
     ──────────                 ─────────                  ───────────────────
     submit(spec) ─────────────▶ task ───────────────────▶ run_task_on_worker
-    Event(cancel).set() ──────▶ event ◀── wait ────────── a thread per task ── cancel_task
+                                claims ◀── claim ──────── (one round trip: run?)
+    housekeeping_cancel ──────▶ claims ── cancel ───────▶ _on_cancel ── the task's thread
     Variable(lease).set(n) ───▶ lease ◀── get ─────────── a thread per lease (lost → kill)
     subscribe_topic ◀───────── log_event ◀────────────── forwarder ◀── local events
-                                                           (and log lines, batched)
+                                                           (log lines batched; the outcome last)
     future.result() ◀───────── outcome ◀──────────────── return {"outcome", "usage", ...}
 
-Reports are the local task's change events, already coalesced by the child
-(one per ``progress_interval``), turned into progress / state / note messages
-and sent with the worker's ``log_event``, which keeps their order. The task's
-tree is killed at once, without a cancel grace, when the lease expires or the
-worker leaves the cluster: the supervisor has given up on it by then.
+Before it runs the animator, the run claims its task on the scheduler
+(:mod:`supervisor.backends.dask.claims`): a task canceled while queued, or run
+a second time after its worker died, does not start. Reports are the local
+task's change events, already coalesced by the child (one per
+``progress_interval``), turned into progress / state / note messages and sent
+with the worker's ``log_event``, which keeps their order; the outcome is the
+last of them (and the future's result). The task's tree is killed at once,
+without a cancel grace, when the lease expires or the worker leaves the
+cluster: the supervisor has given up on it by then.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from supervisor.backends.dask.claims import PLUGIN_NAME, WORKER_CANCEL, TaskClaims
 from supervisor.consts import CONSTS
 from supervisor.errors import TaskNotFound
 from supervisor.manager import Manager
@@ -60,6 +67,10 @@ _LOCAL_SLOTS = 256
 #: killed after its supervisor's grace (at most this) by the thread that waits
 #: for its cancel.
 GRACE_CEILING = 24 * 3600.0
+#: The largest result sent with the outcome as the last report; a larger one
+#: comes with the Dask future's result only (the scheduler keeps a topic's
+#: last 1,000 events).
+END_REPORT_BYTES = LOG_BATCH_BYTES
 #: Local ids never used again (their old events may still come) kept at most;
 #: beyond it the oldest may be used again.
 MAX_RETIRED = 10_000
@@ -68,12 +79,15 @@ MAX_RETIRED = 10_000
 class _Forwarder:
     """Turns one local task's change events into ordered messages for the supervisor."""
 
-    def __init__(self, task_id: str, send: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, task_id: str, send: Callable[[dict[str, Any]], None],
+                 wake: threading.Event, address: str) -> None:
         self.task_id = task_id
         self._send = send
+        self._address = address
         self.sent = 0
         self.final: dict[str, Any] | None = None
         self.done = threading.Event()
+        self._wake = wake  #: set with ``done``: the thread that waits for the task looks
         self._lock = threading.Lock()
         self._sending = threading.Lock()
         self.log = _LogBatcher(self.send)
@@ -84,6 +98,10 @@ class _Forwarder:
 
     def send(self, message: dict[str, Any]) -> None:
         with self._sending:  # NOTE: events and log lines come on threads of their own
+            if self.sent == 0:
+                # NOTE: the first report of a run names its worker ("run", not
+                # "worker": the scheduler adds "worker" to every event)
+                message = {"run": self._address, **message}
             self._send({"t": self.task_id, "n": self.sent, **message})
             self.sent += 1
 
@@ -92,7 +110,11 @@ class _Forwarder:
         with self._lock:
             if not self.done.is_set():
                 self.final = _ended(Outcome(OutcomeKind.LOST, reason))
-                self.done.set()
+                self._end()
+
+    def _end(self) -> None:
+        self.done.set()
+        self._wake.set()
 
     def on_event(self, event: dict[str, Any]) -> None:
         with self._lock:  # a resubscription may deliver from a second thread
@@ -124,7 +146,7 @@ class _Forwarder:
             result = json.dumps(wire["result"]) if state == TaskState.SUCCEEDED.value else None
             self.final = {"outcome": outcome, "usage": wire.get("usage"), "notes": texts,
                           "result_json": result}
-            self.done.set()
+            self._end()
             return
         message: dict[str, Any] = {}
         if texts:
@@ -366,55 +388,135 @@ def _local() -> _Local:
         return _the_local
 
 
+class _Run:
+    """One run of a task in this worker process, as its cancel finds it."""
+
+    def __init__(self) -> None:
+        self.canceled = False
+        #: set by the end of the task and by its cancel: the waiting thread looks
+        self.wake = threading.Event()
+
+
+_runs: dict[str, _Run] = {}
+_runs_lock = threading.Lock()
+
+
+def _on_cancel(keys: list[str]) -> None:
+    """The worker's ``housekeeping_cancel`` handler (on its event loop): the
+    scheduler forwards the cancels of the tasks this worker claimed."""
+    with _runs_lock:
+        for key in keys:
+            run = _runs.get(key)
+            if run is not None:
+                run.canceled = True
+                run.wake.set()
+
+
+def _claim(worker: Any, spec: dict[str, Any]) -> str:
+    """Ask the scheduler whether this run may start (one round trip); see
+    :mod:`supervisor.backends.dask.claims`."""
+    import distributed
+    from distributed.utils import sync
+
+    def ask() -> Any:
+        return sync(worker.loop, worker.scheduler.housekeeping_claim, key=spec["key"],
+                    worker=worker.address, rerun=bool(spec["rerun"]),
+                    callback_timeout=CONSTS.dask_claim_timeout)
+
+    answer = ask()
+    if answer is None:
+        # NOTE: an unknown handler answers None: a scheduler restarted since
+        # the supervisor registered the plugin (it does so again within a
+        # heartbeat). A new scheduler holds no earlier run of this task.
+        distributed.get_client().register_plugin(TaskClaims(), name=PLUGIN_NAME)
+        answer = ask()
+    if answer not in ("run", "canceled", "refused"):
+        raise RuntimeError(f"the scheduler does not keep housekeeping's task claims "
+                           f"(answered {answer!r})")
+    return str(answer)
+
+
 def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one task on this Dask worker; return its outcome.
 
-    ``spec`` (built by the supervisor's DaskBackend): ``task_id``, ``create``,
-    ``operation``, ``animator`` (pickled by reference), ``timeout``,
-    ``max_memory``, ``cancel_grace``, ``topic`` (for reports), ``cancel`` and
-    ``started`` (Event names), ``lease`` (Variable name), ``lease_timeout``.
+    ``spec`` (built by the supervisor's DaskBackend): ``task_id``, ``key`` (the
+    Dask key), ``create``, ``operation``, ``animator`` (pickled by reference),
+    ``timeout``, ``max_memory``, ``sandbox``, ``cancel_grace``, ``topic`` (for
+    reports), ``lease`` (Variable name), ``lease_timeout``, ``rerun``.
     """
     import distributed
 
     worker = distributed.get_worker()
-    client = distributed.get_client()
-    started = distributed.Event(spec["started"], client=client)
-    # NOTE: Dask re-runs a task whose worker died; the work may not be
-    # idempotent, so a second run refuses and the supervisor fails the task,
-    # unless the animator opted in (rerun_on_worker_loss).
-    if not started.is_set():
-        started.set()
-    elif not spec["rerun"]:
-        return {"retry": True, "worker": worker.address, "sent": 0}
-    # NOTE: canceled while it waited in Dask's queue (or ended by a supervisor
-    # that gave up on it): a run that starts now must not run the animator.
-    if distributed.Event(spec["cancel"], client=client).is_set():
-        return {"worker": worker.address, "sent": 0, **_ended(Outcome(
-            OutcomeKind.CANCELED_QUEUED, "canceled before it started on a Dask worker"))}
+    outcome = {"worker": worker.address}
+    key = spec["key"]
+    run = _Run()
+    # NOTE: registered before the claim: a cancel the scheduler forwards as
+    # soon as it has the claim must find the run.
+    worker.handlers.setdefault(WORKER_CANCEL, _on_cancel)
+    with _runs_lock:
+        _runs[key] = run
+    try:
+        try:
+            verdict = _claim(worker, spec)
+        except Exception as exc:
+            reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
+            return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": 0}
+        # NOTE: Dask re-runs a task whose worker died; the work may not be
+        # idempotent, so a second run refuses and the supervisor fails the task,
+        # unless the animator opted in (rerun_on_worker_loss).
+        if verdict == "refused":
+            return {"retry": True, **outcome, "sent": 0}
+        # NOTE: canceled while it waited in Dask's queue (or ended by a supervisor
+        # that gave up on it): a run that starts now must not run the animator.
+        if verdict == "canceled" or run.canceled:
+            return {**outcome, "sent": 0, **_ended(Outcome(
+                OutcomeKind.CANCELED_QUEUED, "canceled before it started on a Dask worker"))}
+        return _run(spec, worker, run)
+    finally:
+        with _runs_lock:
+            if _runs.get(key) is run:
+                del _runs[key]
+
+
+def _run(spec: dict[str, Any], worker: Any, run: _Run) -> dict[str, Any]:
+    """Run the claimed task through this worker process's Manager; its outcome."""
+    import distributed
 
     def send(message: dict[str, Any]) -> None:
         worker.log_event(spec["topic"], message)
 
-    forwarder = _Forwarder(spec["task_id"], send)
-    # NOTE: "run", not "worker": the scheduler adds "worker" to every event.
-    forwarder.send({"run": worker.address})
+    forwarder = _Forwarder(spec["task_id"], send, run.wake, worker.address)
     outcome = {"worker": worker.address}
     try:
         animator = pickle.loads(spec["animator"])
         local = _local()
-        local_id = local.create(spec, animator, forwarder)
+        lease = _lease(spec["lease"], distributed.get_client())
     except Exception as exc:
         reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
         return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": forwarder.sent}
     try:
-        _watch(spec, worker, client, local, local_id, forwarder)
-        # NOTE: its last lines go before the outcome, so that they are counted in "sent"
-        forwarder.log.ended.wait(CONSTS.dask_log_end_wait)
-        forwarder.log.flush()
+        try:
+            local_id = local.create(spec, animator, forwarder)
+        except Exception as exc:
+            reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
+            return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)),
+                    "sent": forwarder.sent}
+        try:
+            _watch(spec, worker, local, local_id, forwarder, run, lease)
+            # NOTE: its last lines go before the outcome, so that they are counted in "sent"
+            forwarder.log.ended.wait(CONSTS.dask_log_end_wait)
+            forwarder.log.flush()
+        finally:
+            local.forget(local_id, forwarder)
     finally:
-        local.forget(local_id, forwarder)
+        _release(lease)
     assert forwarder.final is not None
-    return {**outcome, **forwarder.final, "sent": forwarder.sent}
+    final = {**outcome, **forwarder.final}
+    if len(final.get("result_json") or "") <= END_REPORT_BYTES:
+        # NOTE: the outcome as the last report too: it reaches the supervisor a
+        # hop sooner than the future's result (which it need not fetch then).
+        forwarder.send({"end": final})
+    return {**final, "sent": forwarder.sent}
 
 
 class _Lease:
@@ -473,50 +575,40 @@ def _release(lease: _Lease) -> None:
         lease.users -= 1
 
 
-def _watch(
-    spec: dict[str, Any], worker: Any, client: Any, local: _Local, local_id: str,
-    forwarder: _Forwarder,
-) -> None:
-    """Wait for the task's end; cancel it when asked; kill it if the supervisor is gone."""
-    import distributed
-
-    cancel = distributed.Event(spec["cancel"], client=client)
+def _watch(spec: dict[str, Any], worker: Any, local: _Local, local_id: str,
+           forwarder: _Forwarder, run: _Run, lease: _Lease) -> None:
+    """Wait for the task's end; cancel it when asked (kill it after the supervisor's
+    grace); kill it at once if the supervisor or the worker is gone."""
     grace = min(float(spec["cancel_grace"]), GRACE_CEILING)
-
-    def watch_cancel() -> None:
-        # NOTE: a thread of its own: a call to the scheduler may hang while
-        # it is unreachable. Short waits, so that it ends soon after the task.
-        while not forwarder.done.is_set():
-            try:
-                if cancel.wait(timeout=CONSTS.dask_cancel_poll):
-                    break
-            except Exception:
-                forwarder.done.wait(CONSTS.dask_cancel_poll)
-        else:
-            return
-        local.cancel(local_id, forwarder)
-        # NOTE: the supervisor's grace, not the local Manager's (a ceiling)
-        if not forwarder.done.wait(grace):
-            local.kill(local_id, forwarder, f"killed after cancel grace period ({grace:g} s)")
-
-    threading.Thread(target=watch_cancel, name=f"housekeeping-cancel-{local_id}",
-                     daemon=True).start()
-    lease = _lease(spec["lease"], client)
     lease_timeout = float(spec["lease_timeout"])
-    try:
-        while not forwarder.done.wait(CONSTS.dask_watch_interval):
-            reason = None
-            if lease.age() > lease_timeout:
-                reason = (f"killed: the supervisor's lease expired (no heartbeat "
-                          f"for {lease_timeout:g} s)")
-            elif getattr(worker.status, "name", "") in _WORKER_GONE:
-                # NOTE: a retired or closing worker is out of the cluster: the
-                # supervisor already failed the task, nobody hears from it.
-                reason = f"killed: the Dask worker is {worker.status.name}"
-            if reason is not None:
-                log.error("task %s: %s", local_id, reason)
-                local.kill(local_id, forwarder, reason)
-                forwarder.done.wait()
-                break
-    finally:
-        _release(lease)
+    deadline: float | None = None  #: when a canceled task's tree is killed
+    while True:
+        now = time.monotonic()
+        wait = CONSTS.dask_watch_interval
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - now))
+        run.wake.wait(wait)
+        run.wake.clear()  # NOTE: before the looks: a later wake is not lost
+        if forwarder.done.is_set():
+            return
+        now = time.monotonic()
+        reason = None
+        if run.canceled and deadline is None:
+            local.cancel(local_id, forwarder)
+            # NOTE: the supervisor's grace, not the local Manager's (a ceiling)
+            deadline = now + grace
+        elif deadline is not None and now >= deadline:
+            local.kill(local_id, forwarder, f"killed after cancel grace period ({grace:g} s)")
+            deadline = float("inf")  # killed once; its end comes
+        if lease.age() > lease_timeout:
+            reason = (f"killed: the supervisor's lease expired (no heartbeat "
+                      f"for {lease_timeout:g} s)")
+        elif getattr(worker.status, "name", "") in _WORKER_GONE:
+            # NOTE: a retired or closing worker is out of the cluster: the
+            # supervisor already failed the task, nobody hears from it.
+            reason = f"killed: the Dask worker is {worker.status.name}"
+        if reason is not None:
+            log.error("task %s: %s", local_id, reason)
+            local.kill(local_id, forwarder, reason)
+            forwarder.done.wait()
+            return
