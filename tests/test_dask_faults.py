@@ -12,31 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import animators
 import psutil
 import pytest
 from conftest import describe, is_alive, wait_for
-from rest_support import LiveServer, assert_error
-from test_faults import (
-    FAULTS,
-    TASKS,
-    Fault,
-    check_ended,
-    fault_server,
-    rest_create,
-    rest_still_serves,
-    rest_task,
-    rest_terminal,
-    watch_tree,
-)
+from rest_support import LiveServer
+from test_faults import FAULTS, Fault, fault_server, rest_row
 
 from rest.cli import RET_OK
 
 pytest.importorskip("distributed")
-
-#: The rows that need no SSE stream of their own (the event stream with
-#: ``--dask local`` is tested in ``test_rest_server.py``).
-ROWS = [fault for fault in FAULTS if fault.action != "subscriber"]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +49,6 @@ def kill_workers_starter(info: dict[str, object], server_pid: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ROWS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
 def test_rest_on_dask(server: LiveServer, tmp_path: Path, fault: Fault) -> None:
-    assert server.proc is not None
-    body = {"operation": fault.operation, "args": fault.args_in(tmp_path)}
-    if fault.action == "refuse":
-        answer = server.post(TASKS, json=body)
-        assert_error(answer.status_code, answer.json(), 400, *fault.says)
-        rest_still_serves(server)
-        return
-    task_id = rest_create(server, body)["meta"]["id"]
-    watched: list[psutil.Process] = []
-    if fault.action in ("cancel", "kill-starter"):
-        info = wait_for(lambda: animators.ready_info(rest_task(server, task_id)))
-        watched = watch_tree(info)
-        if fault.action == "cancel":
-            answer = server.post(f"{TASKS}/{task_id}/cancel")
-            assert answer.status_code == 200 and answer.json()["cancelRequested"] is True
-        else:
-            kill_workers_starter(info, server.proc.pid)
-    task = rest_terminal(server, task_id)
-    check_ended(fault, task, watched, psutil.Process(server.proc.pid), tmp_path)
-    rest_still_serves(server)
+    rest_row(server, tmp_path, fault, kill_workers_starter)

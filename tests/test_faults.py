@@ -22,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,6 +327,13 @@ def rest_still_serves(live: LiveServer) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
 def test_rest(server: LiveServer, tmp_path: Path, fault: Fault) -> None:
+    rest_row(server, tmp_path, fault)
+
+
+def rest_row(server: LiveServer, tmp_path: Path, fault: Fault,
+             kill: Callable[[dict[str, Any], int], None] = kill_starter) -> None:
+    """Provoke ``fault`` on ``server`` and check what came of it (``kill``: how the
+    starter of a task process is killed, given its ``ready`` info and the server's pid)."""
     assert server.proc is not None
     body = {"operation": fault.operation, "args": fault.args_in(tmp_path)}
     if fault.action == "refuse":
@@ -350,7 +357,7 @@ def test_rest(server: LiveServer, tmp_path: Path, fault: Fault) -> None:
                 answer = server.post(f"{TASKS}/{task_id}/cancel")
                 assert answer.status_code == 200 and answer.json()["cancelRequested"] is True
             else:
-                kill_starter(info, server.proc.pid)
+                kill(info, server.proc.pid)
         task = rest_terminal(server, task_id)
         check_ended(fault, task, watched, psutil.Process(server.proc.pid), tmp_path)
         if stream is not None:
