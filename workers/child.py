@@ -85,7 +85,7 @@ class _Rehearsal:
 _REHEARSED_TASK = json.dumps({
     "meta": {"id": "T0", "objType": "Task", "version": 2, "timeCreated": "x",
              "timeModified": "x"},
-    "operation": "OP", "objectId": "", "serviceStates": [], "args": {"n": 1},
+    "operation": "OP", "objectId": "", "serviceStates": {}, "args": {"n": 1},
     "state": "ACTIVE", "cancelRequested": False, "messages": [], "progress": None,
     "result": None}).encode()
 
