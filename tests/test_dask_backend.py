@@ -431,7 +431,7 @@ def test_task_claims_pass_a_cancel_on_to_the_claiming_worker() -> None:
         await claims.start(Scheduler())
         assert claims.claim("a", "tcp://w1", rerun=True) == "run"
         assert claims.cancel(["a", "b"]) == {"a": "running", "b": "queued"}
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*claims._sending), TIMEOUT)
         assert sent == [("tcp://w1", ["a"])]
         # a second run after its worker died does not start either
         assert claims.claim("a", "tcp://w2", rerun=True) == "canceled"

@@ -53,7 +53,7 @@ import distributed
 import distributed.worker_memory
 
 from supervisor.backend import Backend, Host, Launch, Registration
-from supervisor.backends.dask.claims import PLUGIN_NAME, TaskClaims
+from supervisor.backends.dask import claims
 from supervisor.backends.dask.worker import run_task_on_worker
 from supervisor.consts import CONSTS
 from supervisor.outcome import Ending, Outcome, OutcomeKind, Usage
@@ -301,7 +301,7 @@ class DaskBackend(Backend):
             self.address, set_as_default=False, timeout=self._connect_timeout
         )
         try:
-            _register_claims(client)
+            claims.register(client)
             #: the scheduler that has the plugin and the subscription (see the monitor)
             self._scheduler_id = client.scheduler_info().get("id")
         except BaseException:
@@ -406,7 +406,7 @@ class DaskBackend(Backend):
         if answer is None:
             # NOTE: an unknown handler answers None: a scheduler restarted since
             # the plugin was registered (the monitor registers it again, too)
-            _register_claims(client)
+            claims.register(client)
             answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
                                  callback_timeout=self.heartbeat * 2)
         if not isinstance(answer, dict):
@@ -693,7 +693,7 @@ class DaskBackend(Backend):
                     # NOTE: a client reconnected to a restarted scheduler does
                     # not renew its topic subscriptions; the new one has none,
                     # nor the plugin that keeps the task claims.
-                    _register_claims(client)
+                    claims.register(client)
                     client.subscribe_topic(self._topic, self._on_event)
                 scheduler_id = identity.get("id")
                 self._send_orphans(client)
@@ -796,12 +796,6 @@ class DaskBackend(Backend):
                     self._cluster.close(timeout=CONSTS.dask_close_step_timeout * 2)
                 except Exception as exc:
                     log.warning("closing the local Dask cluster: %s", exc)
-
-
-def _register_claims(client: distributed.Client) -> None:
-    """Register the plugin that keeps the task claims on the client's scheduler
-    (once per scheduler: a second registration leaves the first in place)."""
-    client.register_plugin(TaskClaims(), name=PLUGIN_NAME)
 
 
 def _cancel_reason(error: BaseException | None) -> str | None:

@@ -43,6 +43,12 @@ MAX_RECORDS = 100_000
 WORKER_CANCEL = "housekeeping_cancel"
 
 
+def register(client: Any) -> None:
+    """Register the plugin on ``client``'s scheduler (once per scheduler: a second
+    registration leaves the first, and its records, in place)."""
+    client.register_plugin(TaskClaims(), name=PLUGIN_NAME)
+
+
 class _Record:
     """One task key: the worker that last claimed it, and whether it was canceled."""
 

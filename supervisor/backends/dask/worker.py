@@ -45,7 +45,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from supervisor.backends.dask.claims import PLUGIN_NAME, WORKER_CANCEL, TaskClaims
+from supervisor.backends.dask import claims
+from supervisor.backends.dask.claims import WORKER_CANCEL
 from supervisor.consts import CONSTS
 from supervisor.errors import TaskNotFound
 from supervisor.manager import Manager
@@ -428,7 +429,7 @@ def _claim(worker: Any, spec: dict[str, Any]) -> str:
         # NOTE: an unknown handler answers None: a scheduler restarted since
         # the supervisor registered the plugin (it does so again within a
         # heartbeat). A new scheduler holds no earlier run of this task.
-        distributed.get_client().register_plugin(TaskClaims(), name=PLUGIN_NAME)
+        claims.register(distributed.get_client())
         answer = ask()
     if answer not in ("run", "canceled", "refused"):
         raise RuntimeError(f"the scheduler does not keep housekeeping's task claims "
