@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -36,6 +38,10 @@ TITLE = "1. Start latency"
 WARMUP = 3
 #: Pause of the pools that replace a used worker on a timer (pebble ticks every 0.1 s).
 POOL_PAUSE = 0.12
+#: How long the thread sleeps before the cold run of the wake-up probe.
+IDLE = 0.01
+#: Samples of the wake-up probe.
+WAKE_SAMPLES = 100
 
 
 def context(method: str) -> Any:
@@ -197,6 +203,32 @@ def close_pool(pool: Any) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _work() -> None:
+    """A few tens of microseconds of ordinary Python: JSON out and back, thrice."""
+    record = {"meta": {"id": "T0", "version": 2}, "args": {"n": list(range(20))}}
+    for _ in range(3):
+        json.loads(json.dumps(record))
+
+
+def wake_up_cost() -> tuple[float, float]:
+    """The same work right after itself, and after the thread slept ``IDLE``: p50 s.
+
+    Every hop of a start (the caller's thread, the loop thread, the task
+    process) wakes a thread that was asleep; on a VM whose idle vCPUs halt,
+    the first work after a wake-up runs slower than the same work warm.
+    """
+    warm, cold = [], []
+    for _ in range(WAKE_SAMPLES):
+        time.sleep(IDLE)
+        began = time.perf_counter()
+        _work()
+        middle = time.perf_counter()
+        _work()
+        cold.append(middle - began)
+        warm.append(time.perf_counter() - middle)
+    return statistics.median(warm), statistics.median(cold)
+
+
 def run(options: Options) -> Section:
     """Measure start latency of every approach, alternately."""
     rounds = options.pick(2, 5)
@@ -219,6 +251,10 @@ def run(options: Options) -> Section:
 
     alternate(approaches, rounds, count, table)
     section = Section(TITLE, [table])
+    warm, cold = wake_up_cost()
+    section.facts["the same Python work warm; after the thread slept "
+                  f"{IDLE * 1000:g} ms (p50 of {WAKE_SAMPLES})"] = (
+        f"{warm * 1e6:.0f} µs; {cold * 1e6:.0f} µs ({cold / warm:.1f}×)")
     section.notes += [
         "housekeeping: run_task until a subscriber sees ACTIVE, idle manager, "
         "max_workers=2, warm processes ready; and until execute() begins in the child",

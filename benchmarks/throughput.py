@@ -69,7 +69,7 @@ class ManagerBatch(Batch):
 
     def run_batch(self) -> float:
         before = self.recorder.ended
-        helpers = _descendants_cpu()
+        helpers = descendants_cpu()
         start = time.monotonic()
         ids = [self.manager.run_task({"operation": "NOOP"}) for _ in range(self.tasks)]
         self.recorder.wait_for(lambda: self.recorder.ended - before >= self.tasks,
@@ -81,7 +81,7 @@ class ManagerBatch(Batch):
         if self.split is not None:
             usage = [self.manager.get_task(t)["usage"] for t in ids]
             tasks_cpu = sum(u["cpuUserSeconds"] + u["cpuSystemSeconds"] for u in usage)
-            helpers = _descendants_cpu() - helpers - tasks_cpu
+            helpers = descendants_cpu() - helpers - tasks_cpu
             self.split.row("housekeeping: each task process (its usage)").samples.append(
                 tasks_cpu / self.tasks)
             self.split.row("housekeeping: the starter and the inits").samples.append(
@@ -89,7 +89,7 @@ class ManagerBatch(Batch):
         return last - start
 
 
-def _descendants_cpu() -> float:
+def descendants_cpu() -> float:
     """CPU seconds of every live descendant of this process and of what they reaped."""
     total = 0.0
     for process in psutil.Process().children(recursive=True):
