@@ -8,11 +8,15 @@ a fresh process per task costs.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import wait
 from multiprocessing import connection
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -201,6 +205,83 @@ class LightProcessBatch(Batch):
         return self.tasks / seconds
 
 
+#: housekeeping in a fresh interpreter of its own, as a service's main script:
+#: Manager(max_workers=2), a trivial animator defined in this script ("main")
+#: or imported from a module beside it ("module"); prints the batch's seconds,
+#: from the first run_task to the last task ended, after a warm-up.
+_SCRIPT = """
+import sys, threading, time
+from supervisor import Animator, Manager
+
+
+class Noop(Animator):
+    def execute(self, ops):
+        return None
+
+
+def batch(manager, tasks):
+    ended, last, lock, done = set(), [0.0], threading.Lock(), threading.Event()
+
+    def on_event(event):
+        task = event.get("task")
+        if task and task["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
+            with lock:
+                ended.add(task["meta"]["id"])
+                last[0] = time.monotonic()
+                if len(ended) >= tasks:
+                    done.set()
+
+    manager.subscribe(on_event)
+    start = time.monotonic()
+    ids = [manager.run_task({"operation": "NOOP"}) for _ in range(tasks)]
+    if not done.wait(120) or any(manager.get_task(i)["state"] != "SUCCEEDED" for i in ids):
+        raise SystemExit("the batch did not succeed")
+    return last[0] - start
+
+
+if __name__ == "__main__":
+    tasks, where = int(sys.argv[1]), sys.argv[2]
+    if where == "module":
+        from noop_module import Noop
+    manager = Manager(max_workers=2, purge_delay=600)
+    try:
+        manager.register_animator("NOOP", Noop())
+        batch(manager, 4)
+        print(batch(manager, tasks))
+    finally:
+        manager.terminate()
+"""
+
+
+class ScriptBatch(Batch):
+    """housekeeping in a main script of its own (:data:`_SCRIPT`)."""
+
+    def __init__(self, where: str, tasks: int, cpu: Table) -> None:
+        label = {"main": "animator in the main script",
+                 "module": "animator in a module"}[where]
+        super().__init__(f"housekeeping in a script of its own, {label}", tasks, cpu)
+        self.where = where
+
+    def __enter__(self) -> ScriptBatch:
+        self.folder = Path(tempfile.mkdtemp(prefix="housekeeping-bench-"))
+        (self.folder / "main_script.py").write_text(_SCRIPT)
+        (self.folder / "noop_module.py").write_text(
+            _SCRIPT.split("\n\n\ndef batch")[0])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def sample(self) -> float:
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        answer = subprocess.run(
+            [sys.executable, "main_script.py", str(self.tasks), self.where],
+            cwd=self.folder, capture_output=True, text=True, timeout=TIMEOUT + self.tasks,
+            check=True, env={**os.environ, "PYTHONPATH": path})
+        return self.tasks / float(answer.stdout.split()[-1])
+
+
 class PoolBatch(Batch):
     """A pool of two workers, all tasks submitted at once."""
 
@@ -258,6 +339,8 @@ def run(options: Options) -> Section:
         manager,
         ProcessBatch("fork", tasks, cpu),
         light,
+        ScriptBatch("main", tasks, cpu),
+        ScriptBatch("module", tasks, cpu),
         ProcessBatch("forkserver", tasks, cpu),
         PoolBatch("pebble", tasks, cpu),
         PoolBatch("ppe1", tasks, cpu),
@@ -265,6 +348,10 @@ def run(options: Options) -> Section:
         PoolBatch("pebble1", tasks, cpu),
         PoolBatch("loky", tasks, cpu),
     ]
+    in_scripts = [a.name for a in approaches if isinstance(a, ScriptBatch)]
+    peers = [a.name for a in approaches if a is not manager and a.name not in in_scripts]
+    rates.pairs = [(manager.name, peer) for peer in peers] + [
+        (name, light.name) for name in in_scripts] + [(in_scripts[0], in_scripts[1])]
     alternate(approaches, rounds, 1, rates)
     section = Section(TITLE, [rates, cpu, split])
     section.facts["tasks per approach"] = tasks * rounds
@@ -274,6 +361,9 @@ def run(options: Options) -> Section:
         "multiprocessing: start, read the child's message, join; 2 at a time; 'light "
         "parent': the same loop in a fresh interpreter that imports nothing else (a fork "
         "costs more the more its parent has mapped; this process has every peer loaded)",
+        "'in a script of its own': the same Manager in a fresh interpreter running a "
+        "main script, its animator defined in that script (the starter imports the "
+        "script once) or in a module beside it; its CPU is not counted here",
         "pools: all tasks submitted at once, until the last future is done",
         "where the CPU goes: a task process's usage is the kernel's (wait4, its exit "
         "included); the starter and the inits are every other descendant; the bare "

@@ -190,10 +190,12 @@ class Pong:
 
 @dataclass(frozen=True)
 class Preload:
-    """Import animator modules in the starter so that later forks inherit them."""
+    """Import animator modules (and the main script of an animator defined in
+    ``__main__``) in the starter so that later forks inherit them."""
 
     modules: tuple[str, ...]
     sys_path: tuple[str, ...] = field(default=())
+    main_path: str | None = None
 
 
 @dataclass(frozen=True)

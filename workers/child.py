@@ -174,13 +174,32 @@ def run_task(start: Start, conn: TaskPipe) -> int:
     return EXIT_OK
 
 
+#: True while :func:`import_main` runs the supervisor's main script here: a
+#: Manager made by its unguarded top-level code would start a starter that
+#: imports the script again, without end (``Manager`` refuses, as
+#: multiprocessing does in its children).
+importing_main = False
+
+
+def import_main(path: str) -> None:
+    """Import the supervisor's main script as ``__mp_main__`` (what an animator
+    defined in ``__main__`` is unpickled from), unless this process has it: the
+    starter imports it once, and the processes it forks inherit it."""
+    global importing_main
+    from multiprocessing.spawn import import_main_path
+
+    importing_main = True
+    try:
+        import_main_path(path)
+    finally:
+        importing_main = False
+
+
 def _prepare(start: Start) -> Any:
     """Apply sys.path, the memory limit and the main module; unpickle the animator."""
     sys.path[:] = list(start.sys_path)
     if start.main_path:
-        from multiprocessing.spawn import import_main_path
-
-        import_main_path(start.main_path)
+        import_main(start.main_path)
     if start.max_memory:
         resource.setrlimit(resource.RLIMIT_AS, (start.max_memory, start.max_memory))
     animator = pickle.loads(start.animator)

@@ -68,6 +68,7 @@ class LocalBackend(Backend):
         self._reserved_uid: int | None = None  # taken by can_start for the next start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
+        self._preloaded_main: str | None = None  # the main script it imported
         self._running: dict[str, ChildProcess] = {}  # by task id
         self._outputs: dict[str, OutputPipes] = {}  # of started tasks, until EOF
         self._by_token: dict[int, ChildProcess] = {}  # every child the starter forked
@@ -112,8 +113,8 @@ class LocalBackend(Backend):
         assert self._starter.sock is not None and self._starter.pidfd is not None
         loop.add_reader(self._starter.sock.fileno(), self._on_starter_readable)
         loop.add_reader(self._starter.pidfd, self._on_starter_died)
-        if self._preloaded:
-            self._starter.preload(tuple(sorted(self._preloaded)))
+        if self._preloaded or self._preloaded_main:
+            self._starter.preload(tuple(sorted(self._preloaded)), self._preloaded_main)
             self._ping_after_preload()
         self._replenish()
 
@@ -127,15 +128,21 @@ class LocalBackend(Backend):
             # NOTE: the starter loads asyncio and uvloop (and OpenSSL with them)
             # only now: they make every fork and exit dearer, for every task.
             modules += ("uvloop",)
-        self._preload(modules)
+        self._preload(modules, registration.main_path)
 
-    def _preload(self, modules: tuple[str, ...]) -> None:
+    def _preload(self, modules: tuple[str, ...], main_path: str | None = None) -> None:
         modules = tuple(module for module in modules if module not in self._preloaded)
-        if not modules:
+        if main_path == self._preloaded_main:
+            main_path = None  # NOTE: one main script per process: imported once
+        if not (modules or main_path):
             return
         self._preloaded.update(modules)
+        if main_path:
+            # NOTE: else each task process imports it (and all it imports) anew:
+            # tens of ms per task for a script that imports the supervisor
+            self._preloaded_main = main_path
         try:
-            self._starter.preload(modules)
+            self._starter.preload(modules, main_path)
         except (OSError, AssertionError):
             return  # the starter died; its successor preloads every module
         self._ping_after_preload()

@@ -120,10 +120,11 @@ class StarterProcess:
         assert self.sock is not None
         self.sock.send(encode(Ping(seq)))
 
-    def preload(self, modules: tuple[str, ...]) -> None:
-        """Have the starter import animator modules, so later forks inherit them."""
+    def preload(self, modules: tuple[str, ...], main_path: str | None = None) -> None:
+        """Have the starter import animator modules (and the main script), so later
+        forks inherit them."""
         assert self.sock is not None
-        self.sock.send(encode(Preload(modules, tuple(sys.path))))
+        self.sock.send(encode(Preload(modules, tuple(sys.path), main_path)))
 
     def read(self) -> Exited | SpawnFailed | Pong | None:
         """Read one report; None means the starter closed its socket."""

@@ -1,0 +1,128 @@
+"""An animator defined in the supervisor's main script (``__main__``).
+
+Its task processes unpickle it from the script, imported as ``__mp_main__``.
+The starter imports the script once, so that the processes it forks inherit
+it; a Manager that the script's unguarded top-level code would make while it
+is imported for tasks is refused (it would start a starter that imports the
+script again). Each test runs a real script in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a script may take (it runs a handful of trivial tasks).
+SCRIPT_DEADLINE = 120
+
+#: Runs TASKS tasks of an animator defined here; every import of this file as
+#: ``__mp_main__`` (in the starter, or in a task process) appends a line to MARKS.
+COUNTING_SCRIPT = """
+import json, os, threading
+from supervisor import Animator, Manager
+
+MARKS = {marks!r}
+TASKS = 5
+if __name__ != "__main__":
+    with open(MARKS, "a") as marks:
+        marks.write(f"imported in {{os.getpid()}}\\n")
+
+
+class Hello(Animator):
+    def execute(self, ops):
+        return "hello"
+
+
+if __name__ == "__main__":
+    manager = Manager(max_workers=1)
+    try:
+        manager.register_animator("HELLO", Hello())
+        ids = [manager.run_task({{"operation": "HELLO"}}) for _ in range(TASKS)]
+        done = threading.Event()
+
+        def ended():
+            return all(manager.get_task(i)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
+                       for i in ids)
+
+        manager.subscribe(lambda event: ended() and done.set())
+        done.wait(60) or ended()
+        print(json.dumps([[manager.get_task(i)["state"], manager.get_task(i)["result"]]
+                          for i in ids]))
+    finally:
+        manager.terminate()
+"""
+
+#: Makes a Manager at its top level, unguarded (a mistake): imported for its
+#: tasks, that Manager must be refused, not made.
+UNGUARDED_SCRIPT = """
+import json, os, threading
+from supervisor import Animator, Manager
+
+MARKS = {marks!r}
+
+
+class Hello(Animator):
+    def execute(self, ops):
+        return "hello"
+
+
+try:
+    manager = Manager(max_workers=1)  # NOTE: no __name__ guard
+except RuntimeError as exc:
+    with open(MARKS, "a") as marks:
+        marks.write(f"refused: {{exc}}\\n")
+else:
+    if __name__ != "__main__":
+        with open(MARKS, "a") as marks:
+            marks.write("made\\n")
+        manager.terminate()
+
+if __name__ == "__main__":
+    try:
+        manager.register_animator("HELLO", Hello())
+        task = manager.run_task({{"operation": "HELLO"}})
+        done = threading.Event()
+        ended = lambda: manager.get_task(task)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
+        manager.subscribe(lambda event: ended() and done.set())
+        done.wait(60) or ended()
+        print(json.dumps([manager.get_task(task)["state"], manager.get_task(task)["result"]]))
+    finally:
+        manager.terminate()
+"""
+
+
+def _run(script: str, tmp_path: Path) -> tuple[object, list[str]]:
+    """Run ``script`` (formatted with the marks file) as a main script; return what it
+    printed (JSON) and the lines of the marks file."""
+    marks = tmp_path / "marks"
+    path = tmp_path / "main_script.py"
+    path.write_text(script.format(marks=str(marks)))
+    done = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=SCRIPT_DEADLINE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = marks.read_text().splitlines() if marks.exists() else []
+    return json.loads(done.stdout.strip().splitlines()[-1]), lines
+
+
+def test_the_main_script_is_imported_once_not_by_every_task(tmp_path: Path) -> None:
+    outcomes, marks = _run(COUNTING_SCRIPT, tmp_path)
+    assert outcomes == [["SUCCEEDED", "hello"]] * 5
+    # NOTE: once, in the starter; its forks inherit it (before: once per task)
+    assert len(marks) == 1, marks
+
+
+def test_a_manager_made_while_the_main_script_is_imported_for_tasks_is_refused(
+        tmp_path: Path) -> None:
+    outcome, marks = _run(UNGUARDED_SCRIPT, tmp_path)
+    assert outcome == ["SUCCEEDED", "hello"]
+    assert marks, "the script was never imported for a task"
+    assert all(line.startswith("refused: ") for line in marks), marks
+    assert "if __name__ ==" in marks[0]
