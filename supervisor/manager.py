@@ -118,11 +118,11 @@ class Manager:
         retention_tasks: int = DEFAULT_RETENTION_TASKS,
     ) -> None:
         child = sys.modules.get("workers.child")
-        if child is not None and getattr(child, "importing_main", False):
+        if child is not None and getattr(child, "importing_for_tasks", False):
             raise RuntimeError(
-                "a Manager was being made while the main script was imported for a "
-                "task (as __mp_main__): guard the script's top-level code with "
-                "'if __name__ == \"__main__\":'")
+                "a Manager was being made while animator code was imported for tasks "
+                "(in the starter or a task process): make it under "
+                "'if __name__ == \"__main__\":' or in a function, not at import time")
         if not _is_number(purge_delay) or purge_delay < 0:
             raise ValueError("purge_delay must be a number >= 0")
         if backend is not None and not isinstance(backend, Backend):

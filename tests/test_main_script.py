@@ -95,12 +95,59 @@ if __name__ == "__main__":
 """
 
 
-def _run(script: str, tmp_path: Path) -> tuple[object, list[str]]:
-    """Run ``script`` (formatted with the marks file) as a main script; return what it
-    printed (JSON) and the lines of the marks file."""
+#: An animator module that makes a Manager when it is imported (a mistake in an
+#: animator module): in the supervisor's process that is its business; imported
+#: for tasks (the starter preloads animator modules) it must be refused.
+MAKER_MODULE = """
+import os
+from supervisor import Animator, Manager
+
+MARKS = {marks!r}
+
+
+class Hello(Animator):
+    def execute(self, ops):
+        return "hello"
+
+
+try:
+    manager = Manager(max_workers=1)
+except RuntimeError as exc:
+    with open(MARKS, "a") as marks:
+        marks.write(f"refused in {{os.getpid()}}: {{exc}}\\n")
+else:
+    with open(MARKS, "a") as marks:
+        marks.write(f"made in {{os.getpid()}}\\n")
+"""
+
+MAKER_SCRIPT = """
+import json, os, threading
+import maker
+
+if __name__ == "__main__":
+    manager = maker.manager
+    try:
+        manager.register_animator("HELLO", maker.Hello())
+        task = manager.run_task({{"operation": "HELLO"}})
+        done = threading.Event()
+        ended = lambda: manager.get_task(task)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
+        manager.subscribe(lambda event: ended() and done.set())
+        done.wait(60) or ended()
+        print(json.dumps([manager.get_task(task)["state"], os.getpid()]))
+    finally:
+        manager.terminate()
+"""
+
+
+def _run(script: str, tmp_path: Path, module: str = "") -> tuple[object, list[str]]:
+    """Run ``script`` (formatted with the marks file) as a main script, beside
+    ``module`` as ``maker.py``; return what it printed (JSON) and the lines of the
+    marks file."""
     marks = tmp_path / "marks"
     path = tmp_path / "main_script.py"
     path.write_text(script.format(marks=str(marks)))
+    if module:
+        (tmp_path / "maker.py").write_text(module.format(marks=str(marks)))
     done = subprocess.run(
         [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True,
         timeout=SCRIPT_DEADLINE,
@@ -125,4 +172,16 @@ def test_a_manager_made_while_the_main_script_is_imported_for_tasks_is_refused(
     assert outcome == ["SUCCEEDED", "hello"]
     assert marks, "the script was never imported for a task"
     assert all(line.startswith("refused: ") for line in marks), marks
-    assert "if __name__ ==" in marks[0]
+    assert "not at import time" in marks[0]
+
+
+def test_a_manager_made_while_an_animator_module_is_preloaded_is_refused(
+        tmp_path: Path) -> None:
+    outcome, marks = _run(MAKER_SCRIPT, tmp_path, MAKER_MODULE)
+    assert isinstance(outcome, list)
+    state, supervisor = outcome
+    assert state == "SUCCEEDED"
+    assert f"made in {supervisor}" in marks  # the supervisor's own import may make one
+    others = [line for line in marks if line != f"made in {supervisor}"]
+    assert others, "the module was never imported for tasks"
+    assert all(line.startswith("refused in ") for line in others), marks

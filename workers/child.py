@@ -18,6 +18,7 @@ import pickle
 import resource
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from supervisor.linux import PR_SET_CHILD_SUBREAPER, host_pids, prctl
@@ -174,35 +175,43 @@ def run_task(start: Start, conn: TaskPipe) -> int:
     return EXIT_OK
 
 
-#: True while :func:`import_main` runs the supervisor's main script here: a
-#: Manager made by its unguarded top-level code would start a starter that
-#: imports the script again, without end (``Manager`` refuses, as
-#: multiprocessing does in its children).
-importing_main = False
+#: True while animator code is imported for tasks (in the starter, or in a task
+#: process before its animator runs): a Manager made at import time there (the
+#: main script's unguarded top-level code, say) would start a starter that
+#: imports the same code again, without end. ``Manager`` refuses meanwhile, as
+#: multiprocessing does in its children.
+importing_for_tasks = False
+
+
+@contextlib.contextmanager
+def imports_for_tasks() -> Iterator[None]:
+    """Mark animator imports (see :data:`importing_for_tasks`)."""
+    global importing_for_tasks
+    importing_for_tasks = True
+    try:
+        yield
+    finally:
+        importing_for_tasks = False
 
 
 def import_main(path: str) -> None:
     """Import the supervisor's main script as ``__mp_main__`` (what an animator
     defined in ``__main__`` is unpickled from), unless this process has it: the
     starter imports it once, and the processes it forks inherit it."""
-    global importing_main
     from multiprocessing.spawn import import_main_path
 
-    importing_main = True
-    try:
-        import_main_path(path)
-    finally:
-        importing_main = False
+    import_main_path(path)
 
 
 def _prepare(start: Start) -> Any:
     """Apply sys.path, the memory limit and the main module; unpickle the animator."""
     sys.path[:] = list(start.sys_path)
-    if start.main_path:
-        import_main(start.main_path)
-    if start.max_memory:
-        resource.setrlimit(resource.RLIMIT_AS, (start.max_memory, start.max_memory))
-    animator = pickle.loads(start.animator)
+    with imports_for_tasks():
+        if start.main_path:
+            import_main(start.main_path)
+        if start.max_memory:
+            resource.setrlimit(resource.RLIMIT_AS, (start.max_memory, start.max_memory))
+        animator = pickle.loads(start.animator)
     confine(start)  # NOTE: after the imports: the new user may not read them
     return animator
 

@@ -55,7 +55,7 @@ from supervisor.protocol import (
     decode,
     encode,
 )
-from workers.child import import_main, prepare_output, run_warm_process
+from workers.child import import_main, imports_for_tasks, prepare_output, run_warm_process
 from workers.pid1 import run_init
 
 EXIT_OK = 0  # stopped on request or because the supervisor went away
@@ -403,16 +403,17 @@ def _handle_request(starter: Starter, sock: socket.socket) -> bool:
     elif isinstance(message, Preload):
         if message.sys_path:
             sys.path[:] = list(message.sys_path)
-        for name in message.modules:
-            try:
-                importlib.import_module(name)
-            except BaseException:  # a bad module fails its own tasks, not the starter
-                pass
-        if message.main_path:
-            try:
-                import_main(message.main_path)
-            except BaseException:  # NOTE: each task then tries again, and fails with why
-                pass
+        with imports_for_tasks():
+            for name in message.modules:
+                try:
+                    importlib.import_module(name)
+                except BaseException:  # a bad module fails its own tasks, not the starter
+                    pass
+            if message.main_path:
+                try:
+                    import_main(message.main_path)
+                except BaseException:  # NOTE: each task then tries again, and fails with why
+                    pass
         # NOTE: move what the imports made out of the collector's sight, so
         # that forks do not copy pages when a collection touches them.
         gc.collect()
