@@ -432,8 +432,18 @@ class LocalBackend(Backend):
         if self._ping is not None:
             # NOTE: the starter itself has not answered yet (busy with a Preload,
             # say): the report may wait there, and a hung starter is found anyway.
+            child.awaited_busy_starter = True
             child.timers.append(asyncio.get_running_loop().call_later(
                 CONSTS.starter_ping_interval, self._init_overdue, child))
+            return
+        if child.awaited_busy_starter:
+            # NOTE: it answers again, but forwards the reports that queued up
+            # meanwhile one by one, this one maybe last: the init gets its full
+            # deadline from now (else its report and the task's exit code could
+            # be lost to a kill a few ms before it is read).
+            child.awaited_busy_starter = False
+            child.timers.append(asyncio.get_running_loop().call_later(
+                CONSTS.starter_deadline, self._init_overdue, child))
             return
         log.error("task %s: the init of its PID namespace did not report within %g s "
                   "after the task process exited; killing the namespace",
