@@ -139,6 +139,44 @@ if __name__ == "__main__":
 """
 
 
+#: A script whose import kills the starter (a child of the supervisor), as a
+#: broken top level would; its task processes import it fine.
+STARTER_KILLING_SCRIPT = """
+import json, os, threading
+from supervisor import Animator, Manager
+
+MARKS = {marks!r}
+if __name__ != "__main__" and str(os.getppid()) == os.environ.get("TEST_SUPERVISOR_PID"):
+    with open(MARKS, "a") as marks:
+        marks.write("the starter imports it, and dies\\n")
+    os._exit(1)
+
+
+class Hello(Animator):
+    def execute(self, ops):
+        return "hello"
+
+
+if __name__ == "__main__":
+    os.environ["TEST_SUPERVISOR_PID"] = str(os.getpid())  # NOTE: the starter inherits it
+    manager = Manager(max_workers=1)
+    try:
+        manager.register_animator("HELLO", Hello())
+        ids = [manager.run_task({{"operation": "HELLO"}}) for _ in range(2)]
+        done = threading.Event()
+
+        def ended():
+            return all(manager.get_task(i)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
+                       for i in ids)
+
+        manager.subscribe(lambda event: ended() and done.set())
+        done.wait(30) or ended()
+        print(json.dumps([manager.get_task(i)["state"] for i in ids]))
+    finally:
+        manager.terminate()
+"""
+
+
 def _run(script: str, tmp_path: Path, module: str = "") -> tuple[object, list[str]]:
     """Run ``script`` (formatted with the marks file) as a main script, beside
     ``module`` as ``maker.py``; return what it printed (JSON) and the lines of the
@@ -185,3 +223,12 @@ def test_a_manager_made_while_an_animator_module_is_preloaded_is_refused(
     others = [line for line in marks if line != f"made in {supervisor}"]
     assert others, "the module was never imported for tasks"
     assert all(line.startswith("refused in ") for line in others), marks
+
+
+def test_a_main_script_that_kills_the_starter_is_imported_by_its_tasks(
+        tmp_path: Path) -> None:
+    """The starter dies importing it; the next one is not given it again (it would
+    die the same way, again and again), and the tasks import it themselves."""
+    states, marks = _run(STARTER_KILLING_SCRIPT, tmp_path)
+    assert states == ["SUCCEEDED", "SUCCEEDED"]
+    assert len(marks) == 1, marks

@@ -46,7 +46,9 @@ SAMPLE_EVERY = 200
 #: Tasks submitted and not yet ended, at most.
 WINDOW = 32
 MAX_WORKERS = 4
-CANCEL_GRACE = 0.2
+#: A cooperative task polls every 5 ms; on a busy 2-core machine it may wait
+#: hundreds of ms for a CPU, and must still be seen honouring the cancel.
+CANCEL_GRACE = 0.5
 PURGE_DELAY = 0.2
 #: How long a zombie (or one process too many) may last before it counts.
 ZOMBIE_GRACE = 3.0

@@ -96,7 +96,7 @@ class Starter:
         self.exits: list[Exited] = []
         self.selector: selectors.BaseSelector | None = None  #: watches the inits' sockets
         self._own_pid_namespace: int | None = None
-        self._generation = 0  #: Preloads so far: an init forked before one lacks its modules
+        self.preloads = 0  #: Preloads so far: an init forked before one lacks its modules
 
     def spawn(self, request: Spawn, fds: list[int]) -> None:
         """Fork one warm process on ``fds`` (its pipe end, then the write ends of its
@@ -137,7 +137,7 @@ class Starter:
         pid = next((pid for pid, known in self.known.items()
                     if known.init is not None and known.token == 0
                     and known.private_network == request.private_network
-                    and known.generation == self._generation), None)
+                    and known.generation == self.preloads), None)
         if pid is None:
             pid = self._new_init(request.private_network, fds)
         known = self.known[pid]
@@ -176,7 +176,7 @@ class Starter:
         setns(self._own_pid_namespace, CLONE_NEWPID)
         theirs.close()
         ours.setblocking(False)  # NOTE: the starter never waits on an init
-        self.known[pid] = _Known(0, ours, private_network, self._generation)
+        self.known[pid] = _Known(0, ours, private_network, self.preloads)
         if self.selector is not None:
             self.selector.register(ours, selectors.EVENT_READ, pid)
         return pid
@@ -222,7 +222,7 @@ class Starter:
                 and message.token == known.token):
             return
         known.token = 0
-        if known.generation != self._generation:
+        if known.generation != self.preloads:
             self._forget_init(known)  # NOTE: EOF tells it to exit
         if isinstance(message, SpawnFailed):
             self.send(SpawnFailed(message.token, message.error[:300]))
@@ -247,7 +247,7 @@ class Starter:
     def retire_inits(self) -> None:
         """After a Preload: idle inits exit now, busy ones after their task (they would
         fork task processes without the new modules, importing them at every task)."""
-        self._generation += 1
+        self.preloads += 1
         for known in self.known.values():
             if known.init is not None and known.token == 0:
                 self._forget_init(known)
@@ -351,11 +351,17 @@ def serve(sock: socket.socket, parent: int) -> int:
     wake_r, wake_w = os.pipe()
     starter = Starter(sock, (wake_r, wake_w))
     os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
     stopping: list[bool] = []
-    signal.signal(signal.SIGCHLD, lambda s, f: None)
-    signal.signal(signal.SIGTERM, lambda s, f: stopping.append(True))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def install_signals() -> None:
+        """The starter's signal handling (again after a Preload: the code it imported,
+        a main script's top level say, may have changed it)."""
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)
+        signal.signal(signal.SIGTERM, lambda s, f: stopping.append(True))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    install_signals()
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getppid() != parent:
@@ -368,8 +374,11 @@ def serve(sock: socket.socket, parent: int) -> int:
         while not stopping:
             for key, _ in selector.select():
                 if key.fileobj is sock:
+                    preloads = starter.preloads
                     if not _handle_request(starter, sock):
                         return EXIT_OK
+                    if starter.preloads != preloads:
+                        install_signals()
                 elif key.fileobj == wake_r:
                     os.read(wake_r, 4096)
                     starter.reap()

@@ -69,6 +69,12 @@ class LocalBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloaded: set[str] = set()  # animator modules the starter imported
         self._preloaded_main: str | None = None  # the main script it imported
+        #: what the Preload now being imported holds (None: none is), and the seq
+        #: of the ping behind it, whose Pong says the imports are done
+        self._preloading: tuple[tuple[str, ...], str | None, int] | None = None
+        #: modules and main scripts whose import the starter did not survive: their
+        #: tasks import them themselves (else each new starter would die of them)
+        self._unpreloadable: set[str] = set()
         self._running: dict[str, ChildProcess] = {}  # by task id
         self._outputs: dict[str, OutputPipes] = {}  # of started tasks, until EOF
         self._by_token: dict[int, ChildProcess] = {}  # every child the starter forked
@@ -89,6 +95,10 @@ class LocalBackend(Backend):
         self._spawn_paused = False  # waiting out the back-off after a failed fork
         self._pings = itertools.count(1)
         self._ping: tuple[int, asyncio.TimerHandle] | None = None  # unanswered ping
+        self._ping_sent_at = 0.0  #: time.monotonic() when that ping went out
+        #: when the starter last answered a ping that waited (it was busy, with a
+        #: Preload say): the reports that queued up meanwhile come one by one
+        self._starter_back_at = -1e9
         self._ticker: asyncio.TimerHandle | None = None
         if subreaper:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -114,8 +124,9 @@ class LocalBackend(Backend):
         loop.add_reader(self._starter.sock.fileno(), self._on_starter_readable)
         loop.add_reader(self._starter.pidfd, self._on_starter_died)
         if self._preloaded or self._preloaded_main:
-            self._starter.preload(tuple(sorted(self._preloaded)), self._preloaded_main)
-            self._ping_after_preload()
+            modules = tuple(sorted(self._preloaded))
+            self._starter.preload(modules, self._preloaded_main)
+            self._ping_after_preload(modules, self._preloaded_main)
         self._replenish()
 
     def prepare(self, registration: Registration) -> None:
@@ -131,8 +142,9 @@ class LocalBackend(Backend):
         self._preload(modules, registration.main_path)
 
     def _preload(self, modules: tuple[str, ...], main_path: str | None = None) -> None:
-        modules = tuple(module for module in modules if module not in self._preloaded)
-        if main_path == self._preloaded_main:
+        modules = tuple(module for module in modules
+                        if module not in self._preloaded and module not in self._unpreloadable)
+        if main_path == self._preloaded_main or main_path in self._unpreloadable:
             main_path = None  # NOTE: one main script per process: imported once
         if not (modules or main_path):
             return
@@ -145,7 +157,7 @@ class LocalBackend(Backend):
             self._starter.preload(modules, main_path)
         except (OSError, AssertionError):
             return  # the starter died; its successor preloads every module
-        self._ping_after_preload()
+        self._ping_after_preload(modules, main_path)
         # NOTE: processes forked before the Preload would import the module
         # at their first task (tens of ms); trade them for fresh ones now.
         for child in list(self._warm) + list(self._spawning):
@@ -432,18 +444,17 @@ class LocalBackend(Backend):
         if self._ping is not None:
             # NOTE: the starter itself has not answered yet (busy with a Preload,
             # say): the report may wait there, and a hung starter is found anyway.
-            child.awaited_busy_starter = True
             child.timers.append(asyncio.get_running_loop().call_later(
                 CONSTS.starter_ping_interval, self._init_overdue, child))
             return
-        if child.awaited_busy_starter:
-            # NOTE: it answers again, but forwards the reports that queued up
-            # meanwhile one by one, this one maybe last: the init gets its full
-            # deadline from now (else its report and the task's exit code could
-            # be lost to a kill a few ms before it is read).
-            child.awaited_busy_starter = False
+        back = time.monotonic() - self._starter_back_at
+        if back < CONSTS.starter_deadline:
+            # NOTE: it answers again after a busy spell, but forwards the reports
+            # that queued up meanwhile one by one, this one maybe last: the init
+            # gets the full deadline from then (else its report, and the task's
+            # exit code, could be lost to a kill a few ms before it is read).
             child.timers.append(asyncio.get_running_loop().call_later(
-                CONSTS.starter_deadline, self._init_overdue, child))
+                CONSTS.starter_deadline - back, self._init_overdue, child))
             return
         log.error("task %s: the init of its PID namespace did not report within %g s "
                   "after the task process exited; killing the namespace",
@@ -468,6 +479,11 @@ class LocalBackend(Backend):
             if self._ping is not None and self._ping[0] == exited.seq:
                 self._ping[1].cancel()
                 self._ping = None
+                now = time.monotonic()
+                if now - self._ping_sent_at > CONSTS.exit_report_wait:
+                    self._starter_back_at = now
+            if self._preloading is not None and self._preloading[2] == exited.seq:
+                self._preloading = None  # NOTE: imported, or failed and caught there
             return
         if isinstance(exited, SpawnFailed):
             self._on_spawn_failed(exited)
@@ -671,14 +687,19 @@ class LocalBackend(Backend):
         self._ticker = asyncio.get_running_loop().call_later(
             CONSTS.starter_ping_interval, self._tick)
 
-    def _ping_after_preload(self) -> None:
+    def _ping_after_preload(self, modules: tuple[str, ...], main_path: str | None) -> None:
         """Ping right behind a Preload, with ``preload_deadline``: the starter cannot
         answer while it imports (a big library may take seconds), and it answers
         in order, so this Pong says the imports are done."""
         if self._ping is not None:
             self._ping[1].cancel()  # NOTE: its Pong, if it comes, no longer matches
             self._ping = None
+        earlier = self._preloading  # NOTE: its imports may not be done either
+        if earlier is not None:
+            modules, main_path = earlier[0] + modules, main_path or earlier[1]
         self._send_ping(CONSTS.preload_deadline)
+        if self._ping is not None:
+            self._preloading = (modules, main_path, self._ping[0])
 
     def _send_ping(self, within: float = CONSTS.starter_deadline) -> None:
         """Ping the starter unless a ping is already out; it has ``within`` seconds."""
@@ -692,6 +713,7 @@ class LocalBackend(Backend):
         deadline = asyncio.get_running_loop().call_later(
             within, self._starter_overdue, seq, within)
         self._ping = (seq, deadline)
+        self._ping_sent_at = time.monotonic()
 
     def _starter_overdue(self, seq: int, within: float) -> None:
         """The starter did not answer in time (stopped, hung): kill its whole tree."""
@@ -742,6 +764,8 @@ class LocalBackend(Backend):
             self._ping = None
         log.error("the starter process died (exit code %s)%s", code,
                   "" if self._stopping else "; restarting it")
+        if self._preloading is not None and not self._stopping:
+            self._give_up_preload(*self._preloading[:2])
         for child in list(self._warm) + list(self._spawning):
             self._discard(child, replenish=False)
         reason = (self._starter_fault
@@ -766,6 +790,19 @@ class LocalBackend(Backend):
             loop.call_later(delay, self._restart_starter)
         for child in list(self._running.values()):
             self._maybe_finish(child)
+
+    def _give_up_preload(self, modules: tuple[str, ...], main_path: str | None) -> None:
+        """The starter died while it imported these: the next one must not (a module
+        or script that kills or hangs its importer would take every starter down).
+        Their tasks import them themselves, as without a preload."""
+        self._preloading = None
+        gone = set(modules) | ({main_path} if main_path else set())
+        self._unpreloadable |= gone
+        self._preloaded -= gone
+        if self._preloaded_main in gone:
+            self._preloaded_main = None
+        log.error("the starter died while it imported %s; tasks import them "
+                  "themselves from now on", ", ".join(sorted(gone)))
 
     def _restart_starter(self) -> None:
         if not self._stopping:

@@ -190,8 +190,6 @@ class ChildProcess:
         self.usage: Usage | None = None  #: its reaper's rusage (wall time still 0)
         self.exited = False  #: the pidfd said the process is gone
         self.reaped = False  #: the starter reaped it and killed its orphans
-        #: its init's report was awaited while the starter was busy (a Preload)
-        self.awaited_busy_starter = False
         self.exitcode: int | None = None
         self.timers: list[asyncio.TimerHandle] = []
         self.max_memory: int | None = None
