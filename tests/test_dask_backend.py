@@ -314,12 +314,7 @@ def test_scheduler_lost_fails_tasks_refuses_new_until_it_is_back(
     assert int(refused.headers["Retry-After"]) >= 1
     wait_for(lambda: pids_gone(pid), timeout=10)  # the worker side's lease expired
 
-    own_cluster.procs[0].wait(10)
-    own_cluster.scheduler()  # the same address again
-    own_cluster.worker()
-
-    task_id = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=60, interval=0.2)
-    done = wait_terminal(m, task_id, timeout=60)
+    done = _quick_task_after_restart(m, own_cluster)
     assert done["state"] == "SUCCEEDED", done
 
 
@@ -338,11 +333,17 @@ def test_a_scheduler_lost_before_the_first_heartbeat_gets_the_claims_again(
     own_cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
     assert wait_terminal(m, running)["state"] == "FAILED"
     wait_for(lambda: pids_gone(pid), timeout=20)
-    own_cluster.procs[0].wait(10)
-    own_cluster.scheduler()
-    own_cluster.worker()
+    assert _quick_task_after_restart(m, own_cluster)["state"] == "SUCCEEDED"
+
+
+def _quick_task_after_restart(m: Any, cluster: Cluster) -> dict[str, Any]:
+    """Start the killed scheduler again at the same address, with a worker; run a
+    QUICK task once the manager takes one again; its terminal wire form."""
+    cluster.procs[0].wait(10)
+    cluster.scheduler()
+    cluster.worker()
     task_id = wait_for(lambda: _accepted(m, {"operation": "QUICK"}), timeout=60, interval=0.2)
-    assert wait_terminal(m, task_id, timeout=60)["state"] == "SUCCEEDED"
+    return wait_terminal(m, task_id, timeout=60)
 
 
 def test_worker_retired_mid_task_fails_naming_it_and_kills_the_tree(

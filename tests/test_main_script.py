@@ -19,14 +19,38 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a script may take (it runs a handful of trivial tasks).
 SCRIPT_DEADLINE = 120
 
-#: Runs TASKS tasks of an animator defined here; every import of this file as
-#: ``__mp_main__`` (in the starter, or in a task process) appends a line to MARKS.
-COUNTING_SCRIPT = """
+#: Put before every script: ``run_hello(manager, count)`` registers the script's
+#: ``Hello`` (or ``maker.Hello``), runs ``count`` tasks of it, waits (bounded)
+#: and prints ``{"outcomes": [[state, result], ...], "pid": <this process>}``.
+RUNNER = '''
 import json, os, threading
+
+
+def run_hello(manager, count, animator):
+    try:
+        manager.register_animator("HELLO", animator)
+        ids = [manager.run_task({"operation": "HELLO"}) for _ in range(count)]
+        done = threading.Event()
+
+        def ended():
+            return all(manager.get_task(i)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
+                       for i in ids)
+
+        manager.subscribe(lambda event: ended() and done.set())
+        done.wait(30) or ended()
+        outcomes = [[manager.get_task(i)["state"], manager.get_task(i)["result"]]
+                    for i in ids]
+        print(json.dumps({"outcomes": outcomes, "pid": os.getpid()}))
+    finally:
+        manager.terminate()
+'''
+
+#: Every import of this file as ``__mp_main__`` (in the starter, or in a task
+#: process) appends a line to MARKS.
+COUNTING_SCRIPT = """
 from supervisor import Animator, Manager
 
 MARKS = {marks!r}
-TASKS = 5
 if __name__ != "__main__":
     with open(MARKS, "a") as marks:
         marks.write(f"imported in {{os.getpid()}}\\n")
@@ -38,28 +62,12 @@ class Hello(Animator):
 
 
 if __name__ == "__main__":
-    manager = Manager(max_workers=1)
-    try:
-        manager.register_animator("HELLO", Hello())
-        ids = [manager.run_task({{"operation": "HELLO"}}) for _ in range(TASKS)]
-        done = threading.Event()
-
-        def ended():
-            return all(manager.get_task(i)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
-                       for i in ids)
-
-        manager.subscribe(lambda event: ended() and done.set())
-        done.wait(60) or ended()
-        print(json.dumps([[manager.get_task(i)["state"], manager.get_task(i)["result"]]
-                          for i in ids]))
-    finally:
-        manager.terminate()
+    run_hello(Manager(max_workers=1), 5, Hello())
 """
 
 #: Makes a Manager at its top level, unguarded (a mistake): imported for its
 #: tasks, that Manager must be refused, not made.
 UNGUARDED_SCRIPT = """
-import json, os, threading
 from supervisor import Animator, Manager
 
 MARKS = {marks!r}
@@ -82,18 +90,8 @@ else:
         manager.terminate()
 
 if __name__ == "__main__":
-    try:
-        manager.register_animator("HELLO", Hello())
-        task = manager.run_task({{"operation": "HELLO"}})
-        done = threading.Event()
-        ended = lambda: manager.get_task(task)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
-        manager.subscribe(lambda event: ended() and done.set())
-        done.wait(60) or ended()
-        print(json.dumps([manager.get_task(task)["state"], manager.get_task(task)["result"]]))
-    finally:
-        manager.terminate()
+    run_hello(manager, 1, Hello())
 """
-
 
 #: An animator module that makes a Manager when it is imported (a mistake in an
 #: animator module): in the supervisor's process that is its business; imported
@@ -121,28 +119,15 @@ else:
 """
 
 MAKER_SCRIPT = """
-import json, os, threading
 import maker
 
 if __name__ == "__main__":
-    manager = maker.manager
-    try:
-        manager.register_animator("HELLO", maker.Hello())
-        task = manager.run_task({{"operation": "HELLO"}})
-        done = threading.Event()
-        ended = lambda: manager.get_task(task)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
-        manager.subscribe(lambda event: ended() and done.set())
-        done.wait(60) or ended()
-        print(json.dumps([manager.get_task(task)["state"], os.getpid()]))
-    finally:
-        manager.terminate()
+    run_hello(maker.manager, 1, maker.Hello())
 """
-
 
 #: A script whose import kills the starter (a child of the supervisor), as a
 #: broken top level would; its task processes import it fine.
 STARTER_KILLING_SCRIPT = """
-import json, os, threading
 from supervisor import Animator, Manager
 
 MARKS = {marks!r}
@@ -159,31 +144,17 @@ class Hello(Animator):
 
 if __name__ == "__main__":
     os.environ["TEST_SUPERVISOR_PID"] = str(os.getpid())  # NOTE: the starter inherits it
-    manager = Manager(max_workers=1)
-    try:
-        manager.register_animator("HELLO", Hello())
-        ids = [manager.run_task({{"operation": "HELLO"}}) for _ in range(2)]
-        done = threading.Event()
-
-        def ended():
-            return all(manager.get_task(i)["state"] in ("SUCCEEDED", "FAILED", "CANCELED")
-                       for i in ids)
-
-        manager.subscribe(lambda event: ended() and done.set())
-        done.wait(30) or ended()
-        print(json.dumps([manager.get_task(i)["state"] for i in ids]))
-    finally:
-        manager.terminate()
+    run_hello(Manager(max_workers=1), 2, Hello())
 """
 
 
-def _run(script: str, tmp_path: Path, module: str = "") -> tuple[object, list[str]]:
-    """Run ``script`` (formatted with the marks file) as a main script, beside
-    ``module`` as ``maker.py``; return what it printed (JSON) and the lines of the
-    marks file."""
+def _run(script: str, tmp_path: Path, module: str = "") -> tuple[dict[str, object], list[str]]:
+    """Run :data:`RUNNER` and ``script`` (formatted with the marks file) as a main
+    script, beside ``module`` as ``maker.py``; return what it printed (JSON) and the
+    lines of the marks file."""
     marks = tmp_path / "marks"
     path = tmp_path / "main_script.py"
-    path.write_text(script.format(marks=str(marks)))
+    path.write_text(RUNNER + script.format(marks=str(marks)))
     if module:
         (tmp_path / "maker.py").write_text(module.format(marks=str(marks)))
     done = subprocess.run(
@@ -198,16 +169,16 @@ def _run(script: str, tmp_path: Path, module: str = "") -> tuple[object, list[st
 
 
 def test_the_main_script_is_imported_once_not_by_every_task(tmp_path: Path) -> None:
-    outcomes, marks = _run(COUNTING_SCRIPT, tmp_path)
-    assert outcomes == [["SUCCEEDED", "hello"]] * 5
+    printed, marks = _run(COUNTING_SCRIPT, tmp_path)
+    assert printed["outcomes"] == [["SUCCEEDED", "hello"]] * 5
     # NOTE: once, in the starter; its forks inherit it (before: once per task)
     assert len(marks) == 1, marks
 
 
 def test_a_manager_made_while_the_main_script_is_imported_for_tasks_is_refused(
         tmp_path: Path) -> None:
-    outcome, marks = _run(UNGUARDED_SCRIPT, tmp_path)
-    assert outcome == ["SUCCEEDED", "hello"]
+    printed, marks = _run(UNGUARDED_SCRIPT, tmp_path)
+    assert printed["outcomes"] == [["SUCCEEDED", "hello"]]
     assert marks, "the script was never imported for a task"
     assert all(line.startswith("refused: ") for line in marks), marks
     assert "not at import time" in marks[0]
@@ -215,10 +186,9 @@ def test_a_manager_made_while_the_main_script_is_imported_for_tasks_is_refused(
 
 def test_a_manager_made_while_an_animator_module_is_preloaded_is_refused(
         tmp_path: Path) -> None:
-    outcome, marks = _run(MAKER_SCRIPT, tmp_path, MAKER_MODULE)
-    assert isinstance(outcome, list)
-    state, supervisor = outcome
-    assert state == "SUCCEEDED"
+    printed, marks = _run(MAKER_SCRIPT, tmp_path, MAKER_MODULE)
+    assert printed["outcomes"] == [["SUCCEEDED", "hello"]]
+    supervisor = printed["pid"]
     assert f"made in {supervisor}" in marks  # the supervisor's own import may make one
     others = [line for line in marks if line != f"made in {supervisor}"]
     assert others, "the module was never imported for tasks"
@@ -229,6 +199,6 @@ def test_a_main_script_that_kills_the_starter_is_imported_by_its_tasks(
         tmp_path: Path) -> None:
     """The starter dies importing it; the next one is not given it again (it would
     die the same way, again and again), and the tasks import it themselves."""
-    states, marks = _run(STARTER_KILLING_SCRIPT, tmp_path)
-    assert states == ["SUCCEEDED", "SUCCEEDED"]
+    printed, marks = _run(STARTER_KILLING_SCRIPT, tmp_path)
+    assert printed["outcomes"] == [["SUCCEEDED", "hello"]] * 2
     assert len(marks) == 1, marks

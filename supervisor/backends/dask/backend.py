@@ -401,14 +401,9 @@ class DaskBackend(Backend):
     def _cancel_keys(self, client: distributed.Client, keys: list[str]) -> dict[str, str]:
         scheduler = client.scheduler
         assert scheduler is not None
-        answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
-                             callback_timeout=self.heartbeat * 2)
-        if answer is None:
-            # NOTE: an unknown handler answers None: a scheduler restarted since
-            # the plugin was registered (the monitor registers it again, too)
-            claims.register(client)
-            answer = client.sync(scheduler.housekeeping_cancel, keys=keys,
-                                 callback_timeout=self.heartbeat * 2)
+        answer = claims.ask(lambda: client.sync(
+            scheduler.housekeeping_cancel, keys=keys, callback_timeout=self.heartbeat * 2),
+            client)
         if not isinstance(answer, dict):
             raise RuntimeError("the scheduler does not keep housekeeping's task claims")
         return answer

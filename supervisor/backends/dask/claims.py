@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -47,6 +48,17 @@ def register(client: Any) -> None:
     """Register the plugin on ``client``'s scheduler (once per scheduler: a second
     registration leaves the first, and its records, in place)."""
     client.register_plugin(TaskClaims(), name=PLUGIN_NAME)
+
+
+def ask(call: Callable[[], Any], client: Any) -> Any:
+    """``call()`` one of the plugin's handlers; registered again, and called again,
+    when the scheduler answers None: it does so for an unknown handler, that is a
+    scheduler restarted since the plugin was registered (it holds no records)."""
+    answer = call()
+    if answer is None:
+        register(client)
+        answer = call()
+    return answer
 
 
 class _Record:

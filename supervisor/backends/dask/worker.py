@@ -419,18 +419,13 @@ def _claim(worker: Any, spec: dict[str, Any]) -> str:
     import distributed
     from distributed.utils import sync
 
-    def ask() -> Any:
+    def claim() -> Any:
         return sync(worker.loop, worker.scheduler.housekeeping_claim, key=spec["key"],
                     worker=worker.address, rerun=bool(spec["rerun"]),
                     callback_timeout=CONSTS.dask_claim_timeout)
 
-    answer = ask()
-    if answer is None:
-        # NOTE: an unknown handler answers None: a scheduler restarted since
-        # the supervisor registered the plugin (it does so again within a
-        # heartbeat). A new scheduler holds no earlier run of this task.
-        claims.register(distributed.get_client())
-        answer = ask()
+    # NOTE: a restarted scheduler holds no earlier run of this task
+    answer = claims.ask(claim, distributed.get_client())
     if answer not in ("run", "canceled", "refused"):
         raise RuntimeError(f"the scheduler does not keep housekeeping's task claims "
                            f"(answered {answer!r})")
@@ -460,8 +455,7 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             verdict = _claim(worker, spec)
         except Exception as exc:
-            reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
-            return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": 0}
+            return _not_started(worker, exc, 0)
         # NOTE: Dask re-runs a task whose worker died; the work may not be
         # idempotent, so a second run refuses and the supervisor fails the task,
         # unless the animator opted in (rerun_on_worker_loss).
@@ -479,6 +473,13 @@ def run_task_on_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 del _runs[key]
 
 
+def _not_started(worker: Any, exc: Exception, sent: int) -> dict[str, Any]:
+    """The outcome of a run that could not start its task here (LOST, saying why)."""
+    reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
+    return {"worker": worker.address, **_ended(Outcome(OutcomeKind.LOST, reason)),
+            "sent": sent}
+
+
 def _run(spec: dict[str, Any], worker: Any, run: _Run) -> dict[str, Any]:
     """Run the claimed task through this worker process's Manager; its outcome."""
     import distributed
@@ -493,15 +494,12 @@ def _run(spec: dict[str, Any], worker: Any, run: _Run) -> dict[str, Any]:
         local = _local()
         lease = _lease(spec["lease"], distributed.get_client())
     except Exception as exc:
-        reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
-        return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)), "sent": forwarder.sent}
+        return _not_started(worker, exc, forwarder.sent)
     try:
         try:
             local_id = local.create(spec, animator, forwarder)
         except Exception as exc:
-            reason = f"cannot start the task on Dask worker {worker.address}: {exc}"
-            return {**outcome, **_ended(Outcome(OutcomeKind.LOST, reason)),
-                    "sent": forwarder.sent}
+            return _not_started(worker, exc, forwarder.sent)
         try:
             _watch(spec, worker, local, local_id, forwarder, run, lease)
             # NOTE: its last lines go before the outcome, so that they are counted in "sent"
