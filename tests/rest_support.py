@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -18,11 +19,12 @@ from urllib.parse import urlsplit
 
 import psutil
 import requests
-from conftest import PRIVATE_PIDS_OFF, TIMEOUT
+from conftest import PRIVATE_PIDS_OFF, TIMEOUT, describe, is_alive, wait_for
 from fakes import FakeManager
 from falcon import testing
 
 from rest import RestOptions, create_app
+from rest.cli import RET_OK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -259,3 +261,28 @@ class OpenApiChecker:
         schema = {**content["application/json"]["schema"],
                   "components": self.document["components"]}
         OAS31Validator(schema, format_checker=oas31_format_checker).validate(body)
+
+
+@contextlib.contextmanager
+def serving(live: LiveServer, *, stragglers_exit: bool = False) -> Iterator[LiveServer]:
+    """Start ``live`` and yield it; then stop it (it must exit with ``RET_OK``) and
+    check that no process of its tree is left, and close it in any case.
+
+    With ``stragglers_exit``, processes that end on their own once their parent is
+    gone (multiprocessing's resource tracker, say) are waited for, within the
+    deadline; otherwise nothing may be left at once.
+    """
+    try:
+        live.start()
+        yield live
+        tree = live.tree()
+        assert live.stop() == RET_OK, live.log()
+
+        def left() -> list[str]:
+            return [describe(p) for p in tree if is_alive(p)]
+
+        if stragglers_exit:
+            wait_for(lambda: not left(), message=lambda: str(left()))
+        assert not left(), left()
+    finally:
+        live.close()

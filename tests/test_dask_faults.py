@@ -14,29 +14,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import describe, is_alive, wait_for
-from rest_support import LiveServer
+from conftest import describe
+from rest_support import LiveServer, serving
 from test_faults import FAULTS, Fault, fault_server, rest_row
-
-from rest.cli import RET_OK
 
 pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = fault_server("--dask", "local")
-    try:
-        live.start()
+    # NOTE: multiprocessing's resource tracker (started by the cluster's
+    # nannies) exits on its own once the last of them is gone: soon, not at once
+    with serving(fault_server("--dask", "local"), stragglers_exit=True) as live:
         yield live
-        tree = live.tree()
-        assert live.stop() == RET_OK, live.log()
-        # NOTE: multiprocessing's resource tracker (started by the cluster's
-        # nannies) exits on its own once the last of them is gone: soon, not at once
-        wait_for(lambda: not any(is_alive(p) for p in tree),
-                 message=lambda: str([describe(p) for p in tree if is_alive(p)]))
-    finally:
-        live.close()
 
 
 def kill_workers_starter(info: dict[str, object], server_pid: int) -> None:

@@ -42,7 +42,7 @@ from conftest import (
     wait_for,
     wait_terminal,
 )
-from rest_support import ROOT, LiveServer, SseClient, assert_error
+from rest_support import ROOT, LiveServer, SseClient, assert_error, serving
 
 from rest.cli import RET_OK
 from supervisor import InvalidAnimator, InvalidArguments
@@ -278,16 +278,8 @@ def fault_server(*extra: str) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = fault_server()
-    try:
-        live.start()
+    with serving(fault_server()) as live:
         yield live
-        tree = live.tree()
-        assert live.stop() == RET_OK, live.log()
-        left = [describe(p) for p in tree if is_alive(p)]
-        assert not left, left
-    finally:
-        live.close()
 
 
 def rest_create(live: LiveServer, body: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from conftest import (
     wait_terminal,
 )
 from hostile_animators import FLOOD_LAST, MiB
-from rest_support import LiveServer
+from rest_support import LiveServer, serving
 
 from rest.cli import RET_OK
 from supervisor.consts import CONSTS
@@ -424,16 +424,8 @@ def hostile_server(*extra: str) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = hostile_server("--max-workers", "4")
-    try:
-        live.start()
+    with serving(hostile_server("--max-workers", "4")) as live:
         yield live
-        tree = live.tree()
-        assert live.stop() == RET_OK, live.log()
-        left = [describe(p) for p in tree if is_alive(p)]
-        assert not left, left
-    finally:
-        live.close()
 
 
 def rest_create(live: LiveServer, body: dict[str, Any]) -> str:
